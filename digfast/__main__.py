@@ -1,0 +1,5 @@
+import sys
+
+from digfast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,175 @@
+"""The public entry points: load, sample_batch, log_likelihood."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from digfast import likelihood as _lik
+from digfast import samplers as _samplers
+from digfast.results import SampleResult
+from digfast.schedules import LinearVP
+
+log = logging.getLogger("digfast")
+
+BUILTIN_MODELS = {
+    "mixture": lambda: _builtin_mixture(),
+}
+
+
+def _builtin_mixture():
+    from digfast.systems import GaussianMixture
+
+    return GaussianMixture.default().model(LinearVP())
+
+
+def load(name: str):
+    """A model by built-in name (or, from later releases, a path to config + weights)."""
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name]()
+    raise ValueError(f"unknown model {name!r}; built-in models: {sorted(BUILTIN_MODELS)}")
+
+
+def _resolve_system(model, system):
+    system = system if system is not None else getattr(model, "system", None)
+    if system is None:
+        raise ValueError("no system given and the model does not name one")
+    for attr in ("n_atoms", "spatial_dim"):
+        if not hasattr(system, attr):
+            raise TypeError(f"system {system!r} lacks {attr!r}")
+    if not callable(getattr(model, "score", None)) or getattr(model, "schedule", None) is None:
+        raise TypeError("model must have .schedule and .score(x, t, mask=None)")
+    return system
+
+
+def _resolve_device(device) -> torch.device:
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' asked for, but torch sees no GPU")
+    return device
+
+
+def _score_fn(model, mask):
+    if mask is None:
+        return lambda x, t: model.score(x, t)
+    return lambda x, t: model.score(x, t, mask=mask)
+
+
+def _batch_size(batch_size, n: int, n_atoms: int) -> int:
+    if batch_size in (None, "auto"):
+        return max(1, min(n, 2**16 // max(n_atoms, 1)))
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1 or 'auto', got {batch_size}")
+    return min(int(batch_size), n)
+
+
+def _check_mask(mask, n, n_atoms):
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    if mask.dim() == 1:
+        mask = mask.expand(n, -1)
+    if mask.shape != (n, n_atoms):
+        raise ValueError(f"mask must be ({n_atoms},) or ({n}, {n_atoms}), got {tuple(mask.shape)}")
+    if (mask.sum(1) < 1).any():
+        raise ValueError("every structure needs at least one real atom")
+    return mask
+
+
+def sample_batch(model, system=None, n: int = 1000, steps: int | None = None, *, sampler: str = "ancestral",
+                 batch_size="auto", seed: int = 0, device=None, progress: bool = True, mask=None,
+                 first_sample_id: int = 0, t_min: float | None = None) -> SampleResult:
+    """Draw n independent samples of system from model.
+
+    Sample k (k = first_sample_id .. first_sample_id + n - 1) uses noise keyed by (seed, k), so
+    the result does not depend on batch_size or device count, and a run can resume or be
+    split across processes by first_sample_id. mask ((N,) or (n, N) bool) marks real atoms
+    of padded structures.
+    """
+    system = _resolve_system(model, system)
+    run = _samplers.get_sampler(sampler)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    steps = steps if steps is not None else getattr(model, "default_steps", 500)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    device = _resolve_device(device)
+    mask = _check_mask(mask, n, system.n_atoms)
+    bs = _batch_size(batch_size, n, system.n_atoms)
+    n_batches = -(-n // bs)
+    bar = _progress(progress, n_batches * steps, f"{sampler} x{steps}")
+    out = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for lo in range(0, n, bs):
+            hi = min(n, lo + bs)
+            ids = torch.arange(first_sample_id + lo, first_sample_id + hi, dtype=torch.int64, device=device)
+            m = None if mask is None else mask[lo:hi].to(device)
+            x = _samplers.prior_sample(model.schedule, seed, ids, system.n_atoms, system.spatial_dim, m)
+            ctx = _samplers.StepContext(seed, ids, m, on_step=bar.update if bar else None)
+            out.append(run(_score_fn(model, m), model.schedule, x, steps, ctx, t_min=t_min).cpu())
+    seconds = time.perf_counter() - start
+    if bar:
+        bar.close()
+    positions = torch.cat(out)
+    bad = int((~torch.isfinite(positions)).flatten(1).any(1).sum())
+    if bad:  # keep the run: the caller decides what to do with the broken structures
+        log.warning("digfast: %d of %d samples contain NaN/inf: the model or step count is unstable", bad, n)
+    meta = {
+        "sampler": sampler, "steps": steps, "seed": seed, "n": n, "batch_size": bs,
+        "first_sample_id": first_sample_id, "device": str(device), "seconds": seconds,
+        "samples_per_second": n / seconds if seconds > 0 else float("inf"),
+        "score_evals_per_sample": steps * _samplers.EVALS_PER_STEP[sampler],
+        "schedule": model.schedule.config(), "backend": _step_backend(device), "n_nonfinite": bad,
+    }
+    return SampleResult(positions=positions, system=system, metadata=meta, mask=mask)
+
+
+def log_likelihood(model, system=None, positions=None, *, divergence: str = "exact", probes: int = 8,
+                   method: str = "rk4", steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
+                   seed: int = 0, batch_size="auto", device=None, mask=None, t_min: float | None = None,
+                   dtype=torch.float64, prior_log_prob=None) -> _lik.LikelihoodResult:
+    """log p_0 of each structure under the model (probability-flow ODE), and its latent x_T."""
+    system = _resolve_system(model, system)
+    if positions is None:
+        raise ValueError("positions are required")
+    positions = torch.as_tensor(positions)
+    if positions.dim() == 2:
+        positions = positions.unsqueeze(0)
+    if positions.dim() != 3 or positions.shape[1:] != (system.n_atoms, system.spatial_dim):
+        raise ValueError(f"positions must be (n, {system.n_atoms}, {system.spatial_dim}), "
+                         f"got {tuple(positions.shape)}")
+    device = _resolve_device(device)
+    n = positions.shape[0]
+    mask = _check_mask(mask, n, system.n_atoms)
+    if t_min is None:
+        t_min = 1e-5 if model.schedule.kind == "vp" else 0.0
+    bs = _batch_size(batch_size, n, system.n_atoms)
+    parts = []
+    for lo in range(0, n, bs):
+        hi = min(n, lo + bs)
+        m = None if mask is None else mask[lo:hi].to(device)
+        parts.append(_lik.log_likelihood(
+            _score_fn(model, m), model.schedule, positions[lo:hi].to(device, dtype), mask=m,
+            divergence=divergence, probes=probes, seed=seed,
+            sample_ids=torch.arange(lo, hi, device=device), method=method, steps=steps, rtol=rtol,
+            atol=atol, t_min=t_min, prior_log_prob=prior_log_prob))
+    return _lik.LikelihoodResult(log_prob=torch.cat([p.log_prob for p in parts]).cpu(),
+                                 latent=torch.cat([p.latent for p in parts]).cpu(),
+                                 prior_log_prob=torch.cat([p.prior_log_prob for p in parts]).cpu(),
+                                 n_evals=sum(p.n_evals for p in parts))
+
+
+def _step_backend(device) -> str:
+    from digfast.ops import _backend
+
+    return _backend.choose("sampler_step", device)
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=0.5)

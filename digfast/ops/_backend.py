@@ -1,0 +1,77 @@
+"""One place that decides which implementation of an op runs.
+
+Backends: "reference" (pure torch, always there), "cpp" (digfast._C on the CPU),
+"cuda" (digfast._C built with CUDA), "triton" (kernels/ on a GPU). The choice depends
+on the device and on what is installed; DIGFAST_BACKEND=reference forces the oracle.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("digfast")
+
+# op -> backend -> "module:function"; the reference is dispatched by the op itself.
+_REGISTRY: dict[str, dict[str, str]] = {
+    "sampler_step": {
+        "cpp": "digfast.ops._compiled:sampler_step_cpp",
+        "cuda": "digfast.ops._compiled:sampler_step_cuda",
+        "triton": "digfast.kernels.sampler_step:sampler_step_triton",
+    },
+}
+
+
+@functools.cache
+def compiled():
+    """digfast._C or None; says once why it is missing."""
+    try:
+        return importlib.import_module("digfast._C")
+    except ImportError as err:
+        log.warning("digfast: compiled core not available (%s); using the pure-torch path", err)
+        return None
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+        return True
+    except ImportError:
+        return False
+
+
+def available(name: str, device: torch.device) -> bool:
+    if name == "reference":
+        return True
+    if name == "cpp":
+        return device.type == "cpu" and compiled() is not None
+    if name == "cuda":
+        C = compiled()
+        return device.type == "cuda" and C is not None and C.has_cuda()
+    if name == "triton":
+        return device.type == "cuda" and triton_available()
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def choose(op: str, device: torch.device) -> str:
+    forced = os.environ.get("DIGFAST_BACKEND")
+    if forced:
+        if forced != "reference" and forced not in _REGISTRY[op]:
+            raise ValueError(f"DIGFAST_BACKEND={forced!r} is not a backend of {op}")
+        if not available(forced, device):
+            raise RuntimeError(f"DIGFAST_BACKEND={forced!r} is not available on {device}")
+        return forced
+    for name in ("cpp", "cuda", "triton"):
+        if name in _REGISTRY[op] and available(name, device):
+            return name
+    return "reference"
+
+
+@functools.cache
+def impl(op: str, name: str):
+    module, function = _REGISTRY[op][name].split(":")
+    return getattr(importlib.import_module(module), function)

@@ -1,0 +1,180 @@
+"""Reverse-time samplers behind one score interface: score_fn(x, t) -> like x.
+
+x is (B, N, d) float32 in the zero-centre-of-mass subspace, t a (B,) tensor of times.
+Every update goes through the fused ops.sampler_step (a x + b direction + c noise, then
+CoM removal), so padded atoms stay zero and noise is keyed by (seed, sample id, step):
+a sample's path never depends on its batch.
+
+    ancestral   the paper's discrete chain on the schedule's n-step discretisation
+    em          Euler-Maruyama on the reverse SDE
+    euler, heun probability-flow ODE
+    dpm++2m     DPM-Solver++(2M), multistep in log-SNR, for few steps
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from digfast.ops.philox import STEP_NONE, STREAM_PRIOR, philox_normal
+from digfast.ops.sampler_step import remove_com, sampler_step
+from digfast.schedules import Schedule
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepContext:
+    """What every sampler needs besides the score: seeds, ids, mask, progress hook."""
+
+    seed: int
+    sample_ids: torch.Tensor
+    mask: torch.Tensor | None = None
+    on_step: Callable[[], None] | None = None
+
+    def step(self, x, direction, a, b, c, step):
+        return sampler_step(x, direction, a, b, c, seed=self.seed, sample_ids=self.sample_ids,
+                            step=step, mask=self.mask)
+
+    def tick(self):
+        if self.on_step is not None:
+            self.on_step()
+
+
+def prior_sample(schedule: Schedule, seed: int, sample_ids: torch.Tensor, n_atoms: int, dim: int,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """x_T ~ N(0, prior_std^2 I) on the zero-CoM subspace, keyed by (seed, sample id)."""
+    z = philox_normal(seed, sample_ids, STEP_NONE, STREAM_PRIOR, n_atoms * dim)
+    z = z.reshape(len(sample_ids), n_atoms, dim)
+    return schedule.prior_std * remove_com(z, mask)
+
+
+def _times(t: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((like.shape[0],), float(t), dtype=torch.float32, device=like.device)
+
+
+def default_t_min(schedule: Schedule) -> float:
+    """Where continuous-time samplers stop: VP needs t > 0 (score blows up), VE is fine at 0."""
+    return 1e-3 if schedule.kind == "vp" else 0.0
+
+
+def time_grid(schedule: Schedule, steps: int, t_min: float, spacing: str = "time") -> torch.Tensor:
+    """steps + 1 decreasing times from t_max to t_min, uniform in t or in log-SNR."""
+    if spacing == "time":
+        return torch.linspace(schedule.t_max, t_min, steps + 1, dtype=torch.float64)
+    if spacing == "logsnr":
+        lam = torch.linspace(float(schedule.log_snr(schedule.t_max)), float(schedule.log_snr(t_min)),
+                             steps + 1, dtype=torch.float64)
+        t = schedule.t_of_log_snr(lam)
+        t[0], t[-1] = schedule.t_max, t_min
+        return t
+    raise ValueError(f"unknown spacing {spacing!r}")
+
+
+def ancestral(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps: int, ctx: StepContext,
+              **_) -> torch.Tensor:
+    disc = schedule.discrete(steps)
+    for i in range(steps, 0, -1):
+        s = score_fn(x, _times(disc.t[i], x))
+        a, b, c = disc.ancestral(i)
+        x = ctx.step(x, s, a, b, c if i > 1 else 0.0, i)
+        ctx.tick()
+    return x
+
+
+def euler_maruyama(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps: int,
+                   ctx: StepContext, t_min: float | None = None, **_) -> torch.Tensor:
+    """x <- x - h (f x - g^2 s) + g sqrt(h) z on the reverse SDE; no noise on the last step."""
+    ts = time_grid(schedule, steps, default_t_min(schedule) if t_min is None else t_min)
+    for k in range(steps):
+        t, h = ts[k], float(ts[k] - ts[k + 1])
+        f, g2 = float(schedule.drift_coef(t)), float(schedule.diffusion2(t))
+        s = score_fn(x, _times(t, x))
+        noise = math.sqrt(g2 * h) if k < steps - 1 else 0.0
+        x = ctx.step(x, s, 1.0 - f * h, g2 * h, noise, steps - k)
+        ctx.tick()
+    return x
+
+
+def _ode_velocity_coeffs(schedule, t):
+    """dx/dt = f x - 1/2 g^2 s: returns (f, -1/2 g^2)."""
+    return float(schedule.drift_coef(t)), -0.5 * float(schedule.diffusion2(t))
+
+
+def ode_euler(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps: int, ctx: StepContext,
+              t_min: float | None = None, **_) -> torch.Tensor:
+    ts = time_grid(schedule, steps, default_t_min(schedule) if t_min is None else t_min)
+    for k in range(steps):
+        t, h = ts[k], float(ts[k] - ts[k + 1])
+        f, q = _ode_velocity_coeffs(schedule, t)
+        x = ctx.step(x, score_fn(x, _times(t, x)), 1.0 - f * h, -q * h, 0.0, steps - k)
+        ctx.tick()
+    return x
+
+
+def ode_heun(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps: int, ctx: StepContext,
+             t_min: float | None = None, **_) -> torch.Tensor:
+    """Second order: average the velocities at both ends of each step (2 evaluations a step)."""
+    ts = time_grid(schedule, steps, default_t_min(schedule) if t_min is None else t_min)
+    for k in range(steps):
+        t0, t1 = ts[k], ts[k + 1]
+        h = float(t0 - t1)
+        f0, q0 = _ode_velocity_coeffs(schedule, t0)
+        s0 = score_fn(x, _times(t0, x))
+        x_pred = ctx.step(x, s0, 1.0 - f0 * h, -q0 * h, 0.0, steps - k)
+        f1, q1 = _ode_velocity_coeffs(schedule, t1)
+        s1 = score_fn(x_pred, _times(t1, x))
+        # x - h/2 (v0 + v1), v = f x + q s, written as a x + 1 * direction
+        direction = -0.5 * h * (q0 * s0 + f1 * x_pred + q1 * s1)
+        x = ctx.step(x, direction, 1.0 - 0.5 * h * f0, 1.0, 0.0, steps - k)
+        ctx.tick()
+    return x
+
+
+def dpm_solver_2m(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps: int,
+                  ctx: StepContext, t_min: float | None = None, **_) -> torch.Tensor:
+    """DPM-Solver++(2M) with data prediction D = (x + sigma^2 s) / alpha, steps uniform in log-SNR.
+
+    x_i = (sigma_i / sigma_{i-1}) x_{i-1} + alpha_i (1 - e^{-h_i}) D', D' the second-order
+    extrapolation of the last two D's; first order on the first step (and the last, when
+    steps < 15, which keeps few-step runs stable).
+    """
+    ts = time_grid(schedule, steps, default_t_min(schedule) if t_min is None else t_min, "logsnr")
+    alpha, sigma, lam = schedule.alpha(ts), schedule.sigma(ts), schedule.log_snr(ts)
+    prev_d, prev_h = None, None
+    for k in range(steps):
+        s = score_fn(x, _times(ts[k], x))
+        d = (x + float(sigma[k] ** 2) * s) / float(alpha[k])
+        h = float(lam[k + 1] - lam[k])
+        last_first_order = k == steps - 1 and steps < 15
+        if prev_d is None or last_first_order:
+            direction = d
+        else:
+            r = prev_h / h
+            direction = (1 + 0.5 / r) * d - (0.5 / r) * prev_d
+        a = float(sigma[k + 1] / sigma[k])
+        b = float(alpha[k + 1]) * -math.expm1(-h)
+        x = ctx.step(x, direction, a, b, 0.0, steps - k)
+        prev_d, prev_h = d, h
+        ctx.tick()
+    return x
+
+
+SAMPLERS: dict[str, Callable] = {
+    "ancestral": ancestral,
+    "em": euler_maruyama,
+    "euler": ode_euler,
+    "heun": ode_heun,
+    "dpm++2m": dpm_solver_2m,
+}
+
+# score evaluations per step, for reporting
+EVALS_PER_STEP = {"ancestral": 1, "em": 1, "euler": 1, "heun": 2, "dpm++2m": 1}
+
+
+def get_sampler(name: str) -> Callable:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known: {sorted(SAMPLERS)}")
+    return SAMPLERS[name]
