@@ -50,10 +50,9 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
-def _score_fn(model, mask):
-    if mask is None:
-        return lambda x, t: model.score(x, t)
-    return lambda x, t: model.score(x, t, mask=mask)
+def _score_fn(model):
+    """The library's score_fn(x, t, mask); models without padding need not take a mask."""
+    return lambda x, t, mask: model.score(x, t) if mask is None else model.score(x, t, mask=mask)
 
 
 def _batch_size(batch_size, n: int, n_atoms: int) -> int:
@@ -108,7 +107,7 @@ def sample_batch(model, system=None, n: int = 1000, steps: int | None = None, *,
             m = None if mask is None else mask[lo:hi].to(device)
             x = _samplers.prior_sample(model.schedule, seed, ids, system.n_atoms, system.spatial_dim, m)
             ctx = _samplers.StepContext(seed, ids, m, on_step=bar.update if bar else None)
-            out.append(run(_score_fn(model, m), model.schedule, x, steps, ctx, t_min=t_min).cpu())
+            out.append(run(_score_fn(model), model.schedule, x, steps, ctx, t_min=t_min).cpu())
     seconds = time.perf_counter() - start
     if bar:
         bar.close()
@@ -151,7 +150,7 @@ def log_likelihood(model, system=None, positions=None, *, divergence: str = "exa
         hi = min(n, lo + bs)
         m = None if mask is None else mask[lo:hi].to(device)
         parts.append(_lik.log_likelihood(
-            _score_fn(model, m), model.schedule, positions[lo:hi].to(device, dtype), mask=m,
+            _score_fn(model), model.schedule, positions[lo:hi].to(device, dtype), mask=m,
             divergence=divergence, probes=probes, seed=seed,
             sample_ids=torch.arange(lo, hi, device=device), method=method, steps=steps, rtol=rtol,
             atol=atol, t_min=t_min, prior_log_prob=prior_log_prob))

@@ -20,7 +20,7 @@ from digfast.ops.philox import STEP_NONE, STREAM_PROBE, philox_normal
 from digfast.ops.sampler_step import remove_com
 from digfast.schedules import Schedule
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ScoreFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass
@@ -54,7 +54,8 @@ class _Drift:
     def _score(self, x, t):
         self.n_evals += 1
         tt = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
-        return remove_com(self.score_fn(x, tt).to(x.dtype), self._mask_for(x))
+        mask = self._mask_for(x)
+        return remove_com(self.score_fn(x, tt, mask).to(x.dtype), mask)
 
     def _mask_for(self, x):
         if self.mask is None or x.shape[0] == self.mask.shape[0]:

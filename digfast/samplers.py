@@ -1,6 +1,7 @@
-"""Reverse-time samplers behind one score interface: score_fn(x, t) -> like x.
+"""Reverse-time samplers behind one score interface: score_fn(x, t, mask) -> like x.
 
-x is (B, N, d) float32 in the zero-centre-of-mass subspace, t a (B,) tensor of times.
+x is (B, N, d) float32 in the zero-centre-of-mass subspace, t a (B,) tensor of times,
+mask (B, N) bool or None.
 Every update goes through the fused ops.sampler_step (a x + b direction + c noise, then
 CoM removal), so padded atoms stay zero and noise is keyed by (seed, sample id, step):
 a sample's path never depends on its batch.
@@ -22,7 +23,7 @@ from digfast.ops.philox import STEP_NONE, STREAM_PRIOR, philox_normal
 from digfast.ops.sampler_step import remove_com, sampler_step
 from digfast.schedules import Schedule
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ScoreFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass
@@ -77,7 +78,7 @@ def ancestral(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps: int
               **_) -> torch.Tensor:
     disc = schedule.discrete(steps)
     for i in range(steps, 0, -1):
-        s = score_fn(x, _times(disc.t[i], x))
+        s = score_fn(x, _times(disc.t[i], x), ctx.mask)
         a, b, c = disc.ancestral(i)
         x = ctx.step(x, s, a, b, c if i > 1 else 0.0, i)
         ctx.tick()
@@ -91,7 +92,7 @@ def euler_maruyama(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps
     for k in range(steps):
         t, h = ts[k], float(ts[k] - ts[k + 1])
         f, g2 = float(schedule.drift_coef(t)), float(schedule.diffusion2(t))
-        s = score_fn(x, _times(t, x))
+        s = score_fn(x, _times(t, x), ctx.mask)
         noise = math.sqrt(g2 * h) if k < steps - 1 else 0.0
         x = ctx.step(x, s, 1.0 - f * h, g2 * h, noise, steps - k)
         ctx.tick()
@@ -109,7 +110,7 @@ def ode_euler(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps: int
     for k in range(steps):
         t, h = ts[k], float(ts[k] - ts[k + 1])
         f, q = _ode_velocity_coeffs(schedule, t)
-        x = ctx.step(x, score_fn(x, _times(t, x)), 1.0 - f * h, -q * h, 0.0, steps - k)
+        x = ctx.step(x, score_fn(x, _times(t, x), ctx.mask), 1.0 - f * h, -q * h, 0.0, steps - k)
         ctx.tick()
     return x
 
@@ -122,10 +123,10 @@ def ode_heun(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps: int,
         t0, t1 = ts[k], ts[k + 1]
         h = float(t0 - t1)
         f0, q0 = _ode_velocity_coeffs(schedule, t0)
-        s0 = score_fn(x, _times(t0, x))
+        s0 = score_fn(x, _times(t0, x), ctx.mask)
         x_pred = ctx.step(x, s0, 1.0 - f0 * h, -q0 * h, 0.0, steps - k)
         f1, q1 = _ode_velocity_coeffs(schedule, t1)
-        s1 = score_fn(x_pred, _times(t1, x))
+        s1 = score_fn(x_pred, _times(t1, x), ctx.mask)
         # x - h/2 (v0 + v1), v = f x + q s, written as a x + 1 * direction
         direction = -0.5 * h * (q0 * s0 + f1 * x_pred + q1 * s1)
         x = ctx.step(x, direction, 1.0 - 0.5 * h * f0, 1.0, 0.0, steps - k)
@@ -145,7 +146,7 @@ def dpm_solver_2m(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps:
     alpha, sigma, lam = schedule.alpha(ts), schedule.sigma(ts), schedule.log_snr(ts)
     prev_d, prev_h = None, None
     for k in range(steps):
-        s = score_fn(x, _times(ts[k], x))
+        s = score_fn(x, _times(ts[k], x), ctx.mask)
         d = (x + float(sigma[k] ** 2) * s) / float(alpha[k])
         h = float(lam[k + 1] - lam[k])
         last_first_order = k == steps - 1 and steps < 15

@@ -8,6 +8,7 @@ known in closed form at every t: the exact target for samplers and likelihoods.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -126,6 +127,57 @@ class AnalyticScore:
         return out
 
     __call__ = score
+
+
+@dataclass
+class MixtureCheck:
+    """How far samples are from the mixture, each statistic beside its bound."""
+
+    weight_z: list[float]      # (w_hat - w) / SE per mode; bound n_se
+    mean_chi2: list[float]     # n_k |mean_k - mu_k|^2 / s_k^2 ~ chi2_D; bound chi2 quantile
+    mean_bound: float
+    var_z: list[float]         # (v_hat_k / s_k^2 - 1) / SE per mode; v_hat the mean variance
+    cov_err: list[float]       # max |C_k / s_k^2 - P| over entries; bound cov_bound
+    cov_bound: list[float]
+    n_se: float
+
+    @property
+    def ok(self) -> bool:
+        return (all(abs(z) < self.n_se for z in self.weight_z + self.var_z)
+                and all(c < self.mean_bound for c in self.mean_chi2)
+                and all(e < b for e, b in zip(self.cov_err, self.cov_bound)))
+
+
+def check_samples(mixture: GaussianMixture, x: torch.Tensor, n_se: float = 3.0, p_tail: float = 1e-4) -> MixtureCheck:
+    """Mode weights, means and covariances of samples against the mixture's, with bounds
+    that a correct sampler exceeds with small probability (statistics of n exact samples)."""
+    from scipy.stats import chi2
+
+    x = remove_com(x.to(torch.float64))
+    n, dof = x.shape[0], mixture.dof
+    labels = mixture.responsibilities(x).argmax(1)
+    w = mixture.weights
+    w_hat = torch.bincount(labels, minlength=len(w)).double() / n
+    weight_z = ((w_hat - w) / torch.sqrt(w * (1 - w) / n)).tolist()
+    proj = torch.eye(x.shape[1] * x.shape[2], dtype=torch.float64) - torch.kron(
+        torch.full((x.shape[1], x.shape[1]), 1.0 / x.shape[1], dtype=torch.float64),
+        torch.eye(x.shape[2], dtype=torch.float64))
+    mean_chi2, var_z, cov_err, cov_bound = [], [], [], []
+    for k in range(len(w)):
+        xk = x[labels == k].reshape(-1, proj.shape[0])
+        nk, s2 = xk.shape[0], float(mixture.stds[k] ** 2)
+        if nk < 10:
+            mean_chi2.append(float("inf")), var_z.append(float("inf"))
+            cov_err.append(float("inf")), cov_bound.append(0.0)
+            continue
+        mu = mixture.means[k].reshape(-1)
+        mean_chi2.append(float(nk * (xk.mean(0) - mu).pow(2).sum() / s2))
+        dev = xk - xk.mean(0)
+        cov = dev.T @ dev / (nk - 1) / s2
+        var_z.append(float((torch.trace(cov) / dof - 1.0) / math.sqrt(2.0 / ((nk - 1) * dof))))
+        cov_err.append(float((cov - proj).abs().max()))
+        cov_bound.append(5.0 * math.sqrt(2.0 / nk))
+    return MixtureCheck(weight_z, mean_chi2, float(chi2.ppf(1 - p_tail, dof)), var_z, cov_err, cov_bound, n_se)
 
 
 def mixture_summary(mixture: GaussianMixture, positions: torch.Tensor) -> dict:
