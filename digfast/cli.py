@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=int, default=2000, help="number of samples")
     s.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     s.add_argument("--sampler", default="ancestral", choices=sorted(SAMPLERS))
-    s.add_argument("-o", "--output", default=None, help="ensemble file (.xtc/.dcd/.pdb/.h5/.npz)")
+    s.add_argument("-o", "--output", default=None, help="ensemble file (.xtc/.dcd/.trr/.pdb/.npz)")
     s.add_argument("--plot", default=None, help="PNG of the energy histogram against the reference")
     s.add_argument("--json", default=None, help="write the report as JSON here")
 

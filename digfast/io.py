@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TRAJECTORY_SUFFIXES = {".xtc", ".dcd", ".trr", ".nc", ".h5", ".pdb"}
+TRAJECTORY_SUFFIXES = {".xtc", ".dcd", ".trr", ".pdb"}
 ARRAY_SUFFIXES = {".npz", ".npy"}
 
 
@@ -80,7 +80,7 @@ def load_positions(path, top=None, length_unit_nm: float = 0.1) -> torch.Tensor:
         return torch.from_numpy(np.load(path))
     import mdtraj
 
-    if suffix != ".pdb" and suffix != ".h5" and top is None:
+    if suffix != ".pdb" and top is None:
         raise ValueError(f"{path.name} needs a topology (top=...pdb)")
     traj = mdtraj.load(str(path), top=str(top) if top else None)
     return torch.from_numpy(traj.xyz / length_unit_nm)
