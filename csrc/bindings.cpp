@@ -10,6 +10,7 @@
 #include "build_info.h"
 #include "common/philox.h"
 #include "common/tensor_arg.h"
+#include "philox_normal/philox_normal.h"
 #include "sampler_step/sampler_step.h"
 
 namespace py = pybind11;
@@ -26,12 +27,21 @@ uint64_t read_unsigned(const py::handle& value, const char* name, int bits) {
                          py::str(py::type::handle_of(value).attr("__name__")).cast<std::string>());
   }
   const py::object v = py::reinterpret_steal<py::object>(index);
-  const py::int_ zero(0);
-  const py::object limit = py::int_(1).attr("__lshift__")(bits);
-  if (v < zero || v >= limit)
+  const unsigned long long u = PyLong_AsUnsignedLongLong(v.ptr());  // fails if < 0 or >= 2^64
+  const bool failed = u == static_cast<unsigned long long>(-1) && PyErr_Occurred();
+  if (failed) PyErr_Clear();
+  if (failed || (bits < 64 && u >> bits))
     throw py::value_error(std::string(name) + " must be in [0, 2**" + std::to_string(bits) +
                           "), got " + py::str(v).cast<std::string>());
-  return PyLong_AsUnsignedLongLong(v.ptr());
+  return u;
+}
+
+void check_sample_ids_range(const int64_t* ids, int64_t n) {
+  for (int64_t s = 0; s < n; ++s) {
+    if (ids[s] < 0 || ids[s] > int64_t{0xFFFFFFFF})
+      throw py::value_error("sample_ids must lie in [0, 2**32), got " + std::to_string(ids[s]) +
+                            " at position " + std::to_string(s));
+  }
 }
 
 // Reads and checks the arguments shared by the CPU and CUDA entry points.
@@ -43,7 +53,7 @@ SamplerStepParams sampler_step_params(const py::handle& out_obj, const py::handl
                                       TensorArg& x) {
   x = read_tensor(x_obj, "x");
   check_device_type(x, device_type);
-  check_dtype(x, "torch.float32");
+  check_dtype(x, "float32");
   if (x.dim() != 3)
     throw py::value_error("x must be (batch, atoms, dim), got shape " + x.shape_str());
   const int64_t batch = x.size(0), atoms = x.size(1), dim = x.size(2);
@@ -58,19 +68,19 @@ SamplerStepParams sampler_step_params(const py::handle& out_obj, const py::handl
 
   const TensorArg direction = read_tensor(direction_obj, "direction");
   check_same_device(direction, x);
-  check_dtype(direction, "torch.float32");
+  check_dtype(direction, "float32");
   check_shape(direction, x.shape);
   check_contiguous(direction);
 
   const TensorArg out = read_tensor(out_obj, "out");
   check_same_device(out, x);
-  check_dtype(out, "torch.float32");
+  check_dtype(out, "float32");
   check_shape(out, x.shape);
   check_contiguous(out);
 
   const TensorArg ids = read_tensor(ids_obj, "sample_ids");
   check_same_device(ids, x);
-  check_dtype(ids, "torch.int64");
+  check_dtype(ids, "int64");
   check_shape(ids, {batch});
   check_contiguous(ids);
 
@@ -78,7 +88,7 @@ SamplerStepParams sampler_step_params(const py::handle& out_obj, const py::handl
   if (!mask_obj.is_none()) {
     const TensorArg mask = read_tensor(mask_obj, "mask");
     check_same_device(mask, x);
-    check_dtype(mask, "torch.bool");
+    check_dtype(mask, "bool");
     check_shape(mask, {batch, atoms});
     check_contiguous(mask);
     mask_ptr = mask.ptr<const uint8_t>();
@@ -111,14 +121,8 @@ void sampler_step_cpu_binding(const py::object& out, const py::object& x_obj,
       sampler_step_params(out, x_obj, direction, a, b, c, seed, sample_ids, step, mask, "cpu", x);
   if (num_threads < 1)
     throw py::value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
-  if (p.c != 0.0f) {  // ids are only read as Philox counters, as in the reference
-    for (int64_t s = 0; s < p.batch; ++s) {
-      const int64_t id = p.sample_ids[s];
-      if (id < 0 || id > int64_t{0xFFFFFFFF})
-        throw py::value_error("sample_ids must lie in [0, 2**32), got " + std::to_string(id) +
-                              " at position " + std::to_string(s));
-    }
-  }
+  // ids are only read as Philox counters, so (as in the reference) only checked then
+  if (p.c != 0.0f) check_sample_ids_range(p.sample_ids, p.batch);
   py::gil_scoped_release release;
   sampler_step_cpu(p, num_threads);
 }
@@ -137,6 +141,37 @@ void sampler_step_cuda_binding(const py::object& out, const py::object& x_obj,
   sampler_step_cuda(p, x.device_index < 0 ? 0 : x.device_index, stream);
 }
 #endif
+
+void philox_normal_cpu_binding(const py::object& out_obj, const py::object& seed,
+                               const py::object& ids_obj, const py::object& step,
+                               const py::object& stream, int num_threads) {
+  const TensorArg out = read_tensor(out_obj, "out");
+  check_device_type(out, "cpu");
+  check_dtype(out, "float32");
+  if (out.dim() != 2)
+    throw py::value_error("out must be (batch, numel), got shape " + out.shape_str());
+  check_contiguous(out);
+  if (out.size(1) > (int64_t{1} << 34))
+    throw py::value_error("numel must be at most 2**34 (32-bit Philox block counter)");
+  const TensorArg ids = read_tensor(ids_obj, "sample_ids");
+  check_same_device(ids, out);
+  check_dtype(ids, "int64");
+  check_shape(ids, {out.size(0)});
+  check_contiguous(ids);
+  if (num_threads < 1)
+    throw py::value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
+  PhiloxNormalParams p{};
+  p.out = out.ptr<float>();
+  p.sample_ids = ids.ptr<const int64_t>();
+  p.batch = out.size(0);
+  p.numel = out.size(1);
+  p.seed = read_unsigned(seed, "seed", 64);
+  p.step = static_cast<uint32_t>(read_unsigned(step, "step", 32));
+  p.stream = static_cast<uint32_t>(read_unsigned(stream, "stream", 32));
+  check_sample_ids_range(p.sample_ids, p.batch);
+  py::gil_scoped_release release;
+  philox_normal_cpu(p, num_threads);
+}
 
 py::tuple philox4x32_10_binding(const py::tuple& counter, const py::tuple& key) {
   if (counter.size() != 4 || key.size() != 2)
@@ -199,6 +234,9 @@ PYBIND11_MODULE(_C, m) {
         "The CUDA sampler step, launched asynchronously on `stream` (a cudaStream_t as an "
         "integer) on x's device. Sample ids are taken modulo 2**32 (not checked: no sync).");
 #endif
+  m.def("philox_normal_cpu", &philox_normal_cpu_binding, py::arg("out"), py::arg("seed"),
+        py::arg("sample_ids"), py::arg("step"), py::arg("stream"), py::arg("num_threads"),
+        "Fills out (batch, numel) with digfast.ops.philox.philox_normal's normals (CPU).");
   m.def("philox4x32_10", &philox4x32_10_binding, py::arg("counter"), py::arg("key"),
         "Philox4x32-10 of one counter (4 words) and key (2 words), for known-answer tests.");
 }

@@ -4,8 +4,9 @@ Tolerance (per sample, absolute): EPS * (6 + log2 N) * max|y|, where y = a*x + b
 the step before the centre-of-mass projection and EPS = 2^-23 (float32 ulp of 1):
   - a*x + b*d (+ c*z) is the same float32 operations in the same order in every backend
     (no FMA contraction: -ffp-contract=off on the CPU, __fmul_rn/__fadd_rn in CUDA);
-  - the noise uses float32 log/sqrt/sin/cos from different libraries (Sleef in torch, glibc,
-    CUDA's libm, Triton's), each within ~2 ulp, so |dz| <= ~4 ulp(|z|);
+  - the noise uses float32 log/sqrt/sin/cos from different libraries (Sleef in torch, the
+    C++ op's own vectorized ones, CUDA's libm, Triton's), each within ~2 ulp, so
+    |dz| <= ~4 ulp(|z|) (tests/test_philox.py measures it against float64);
   - the centre of mass is summed in different orders (torch pairwise float32, C++ double,
     CUDA/Triton float trees): error <= ~log2(N) ulp of max|y|, plus the subtraction's rounding.
 Padded atoms must be exactly zero in every backend.

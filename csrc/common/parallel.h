@@ -8,6 +8,21 @@
 #include <thread>
 #include <vector>
 
+// Hot CPU loops are compiled twice, for AVX2 and for the baseline ISA, and the loader picks
+// one (GCC/Clang function multi-versioning on x86-64 Linux). -ffp-contract=off keeps both
+// clones' arithmetic identical (no FMA), so results do not depend on the machine.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define DIGFAST_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DIGFAST_CPU_CLONES
+#endif
+// Helpers called from a cloned function must be inlined into each clone to get its ISA.
+#if defined(__GNUC__) || defined(__clang__)
+#define DIGFAST_CPU_INLINE inline __attribute__((always_inline))
+#else
+#define DIGFAST_CPU_INLINE inline
+#endif
+
 namespace digfast {
 
 // Number of threads worth starting for `items` items of `cost_per_item` units of work each,

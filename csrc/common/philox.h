@@ -14,6 +14,8 @@
 
 #if defined(__CUDACC__)
 #define DIGFAST_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+#define DIGFAST_HD inline __attribute__((always_inline))  // inlined into each CPU clone
 #else
 #define DIGFAST_HD inline
 #endif

@@ -1,5 +1,6 @@
 #include "common/tensor_arg.h"
 
+#include <map>
 #include <sstream>
 
 namespace py = pybind11;
@@ -18,19 +19,29 @@ std::string TensorArg::shape_str() const {
   return s.str();
 }
 
+namespace {
+
+// torch.Tensor and torch's dtypes, looked up once (torch is imported by then: the tensors
+// being checked come from it). Leaked on purpose: they live as long as the interpreter.
+const py::handle& torch_attr(const char* name) {
+  static std::map<std::string, py::handle>* cache = new std::map<std::string, py::handle>();
+  auto it = cache->find(name);
+  if (it == cache->end())
+    it = cache->emplace(name, py::object(py::module_::import("torch").attr(name)).release()).first;
+  return it->second;
+}
+
+}  // namespace
+
 TensorArg read_tensor(const py::handle& obj, const char* name) {
   TensorArg t;
   t.name = name;
-  const bool is_tensor = py::hasattr(obj, "data_ptr") && py::hasattr(obj, "shape") &&
-                         py::hasattr(obj, "stride") && py::hasattr(obj, "dtype") &&
-                         py::hasattr(obj, "device") && py::hasattr(obj, "is_contiguous");
-  if (!is_tensor)
+  if (!py::isinstance(obj, torch_attr("Tensor")))
     throw py::type_error(std::string(name) + " must be a torch.Tensor, got " +
                          py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>());
   t.data = obj.attr("data_ptr")().cast<uintptr_t>();
   for (const auto& s : obj.attr("shape")) t.shape.push_back(s.cast<int64_t>());
-  for (const auto& s : obj.attr("stride")()) t.strides.push_back(s.cast<int64_t>());
-  t.dtype = py::str(obj.attr("dtype")).cast<std::string>();
+  t.dtype = obj.attr("dtype");
   const py::object device = obj.attr("device");
   t.device_type = device.attr("type").cast<std::string>();
   const py::object index = device.attr("index");
@@ -40,8 +51,9 @@ TensorArg read_tensor(const py::handle& obj, const char* name) {
 }
 
 void check_dtype(const TensorArg& t, const char* dtype) {
-  if (t.dtype != dtype)
-    throw py::type_error(t.name + " must have dtype " + dtype + ", got " + t.dtype);
+  if (!t.dtype.is(torch_attr(dtype)))
+    throw py::type_error(t.name + " must have dtype torch." + dtype + ", got " +
+                         py::str(t.dtype).cast<std::string>());
 }
 
 void check_shape(const TensorArg& t, const std::vector<int64_t>& shape) {

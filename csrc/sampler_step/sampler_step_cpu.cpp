@@ -2,86 +2,87 @@
 #include <algorithm>
 
 #include "common/parallel.h"
-#include "common/philox.h"
+#include "common/philox_cpu.h"
 #include "sampler_step/sampler_step.h"
 
 namespace digfast {
 namespace {
 
-// Work units per element (Philox + Box-Muller dominate when noise is drawn) and the
-// least work that pays for starting a thread (~20 us of compute).
-constexpr int64_t kCostWithNoise = 8;
+// Work units per element and the least work that pays for starting a thread (~20 us).
+constexpr int64_t kCostWithNoise = 4;
 constexpr int64_t kCostNoNoise = 1;
-constexpr int64_t kMinWorkPerThread = 1 << 17;
+constexpr int64_t kMinWorkPerThread = 1 << 16;
 
-template <bool kNoise>
-void update_row(const SamplerStepParams& p, int64_t row, uint32_t sample, const float* x,
-                const float* d, float* out) {
+template <int kDim, bool kNoise, bool kMask>
+DIGFAST_CPU_INLINE void step_sample(const SamplerStepParams& p, int64_t s) {
+  const int64_t atoms = p.atoms, row = atoms * kDim;
+  const float* x = p.x + s * row;
+  const float* d = p.direction + s * row;
+  float* out = p.out + s * row;
+  const uint8_t* mask = kMask ? p.mask + s * atoms : nullptr;
   const float a = p.a, b = p.b, c = p.c;
-  if (!kNoise) {
-    for (int64_t e = 0; e < row; ++e) out[e] = a * x[e] + b * d[e];
-    return;
-  }
-  const int64_t full = row / 4;
-  for (int64_t q = 0; q < full; ++q) {
-    float z[4];
-    philox_normal4(p.seed, sample, p.step, p.stream, static_cast<uint32_t>(q), z);
-    for (int j = 0; j < 4; ++j) {
-      const int64_t e = 4 * q + j;
-      out[e] = (a * x[e] + b * d[e]) + c * z[j];
+
+  // y = a*x + b*d (+ c*z), in chunks of Philox blocks; the same float32 roundings as the
+  // reference (built with -ffp-contract=off).
+  constexpr int64_t kChunkElements = 4 * kPhiloxChunk;
+  float z[kChunkElements];
+  const uint32_t sample = static_cast<uint32_t>(p.sample_ids[s]);
+  for (int64_t e0 = 0; e0 < row; e0 += kChunkElements) {
+    const int64_t n = std::min(kChunkElements, row - e0);
+    const float* xc = x + e0;
+    const float* dc = d + e0;
+    float* oc = out + e0;
+    if (kNoise) {
+      philox_normal_chunk(p.seed, sample, p.step, p.stream, static_cast<uint32_t>(e0 / 4),
+                          static_cast<int>((n + 3) / 4), z);
+      for (int64_t j = 0; j < n; ++j) oc[j] = (a * xc[j] + b * dc[j]) + c * z[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) oc[j] = a * xc[j] + b * dc[j];
     }
   }
-  if (full * 4 < row) {
-    float z[4];
-    philox_normal4(p.seed, sample, p.step, p.stream, static_cast<uint32_t>(full), z);
-    for (int64_t e = full * 4; e < row; ++e) out[e] = (a * x[e] + b * d[e]) + c * z[e - full * 4];
+
+  // Centre of mass of the real atoms (summed in double), subtracted; padded atoms zeroed.
+  double sum[kDim] = {};
+  int64_t count = kMask ? 0 : atoms;
+  for (int64_t i = 0; i < atoms; ++i) {
+    if (kMask && !mask[i]) continue;
+    for (int k = 0; k < kDim; ++k) sum[k] += out[i * kDim + k];
+    if (kMask) ++count;
+  }
+  const double denom = static_cast<double>(std::max<int64_t>(count, 1));
+  float com[kDim];
+  for (int k = 0; k < kDim; ++k) com[k] = static_cast<float>(sum[k] / denom);
+  for (int64_t i = 0; i < atoms; ++i) {
+    const float keep = (!kMask || mask[i]) ? 1.0f : 0.0f;
+    for (int k = 0; k < kDim; ++k) {
+      const float v = out[i * kDim + k] - com[k];
+      out[i * kDim + k] = kMask ? (keep != 0.0f ? v : 0.0f) : v;
+    }
   }
 }
 
-// Subtract the centre of mass of the real atoms, zero the padded ones.
-void remove_com_row(const SamplerStepParams& p, const uint8_t* mask, float* out) {
-  const int64_t n_atoms = p.atoms, dim = p.dim;
-  double sum[kMaxDim] = {0.0, 0.0, 0.0};
-  int64_t count = 0;
-  for (int64_t n = 0; n < n_atoms; ++n) {
-    if (mask && !mask[n]) continue;
-    for (int64_t k = 0; k < dim; ++k) sum[k] += out[n * dim + k];
-    ++count;
-  }
-  const double denom = static_cast<double>(std::max<int64_t>(count, 1));
-  float com[kMaxDim];
-  for (int64_t k = 0; k < dim; ++k) com[k] = static_cast<float>(sum[k] / denom);
-  for (int64_t n = 0; n < n_atoms; ++n) {
-    float* o = out + n * dim;
-    if (mask && !mask[n]) {
-      for (int64_t k = 0; k < dim; ++k) o[k] = 0.0f;
-    } else {
-      for (int64_t k = 0; k < dim; ++k) o[k] -= com[k];
-    }
-  }
+template <int kDim, bool kNoise, bool kMask>
+DIGFAST_CPU_CLONES void step_range(const SamplerStepParams& p, int64_t begin, int64_t end) {
+  for (int64_t s = begin; s < end; ++s) step_sample<kDim, kNoise, kMask>(p, s);
+}
+
+using RangeFn = void (*)(const SamplerStepParams&, int64_t, int64_t);
+
+template <int kDim>
+RangeFn pick(bool noise, bool masked) {
+  if (noise) return masked ? step_range<kDim, true, true> : step_range<kDim, true, false>;
+  return masked ? step_range<kDim, false, true> : step_range<kDim, false, false>;
 }
 
 }  // namespace
 
 void sampler_step_cpu(const SamplerStepParams& p, int max_threads) {
+  const bool noise = p.c != 0.0f, masked = p.mask != nullptr;
+  const RangeFn fn = p.dim == 2 ? pick<2>(noise, masked) : pick<3>(noise, masked);
   const int64_t row = p.atoms * p.dim;
-  const bool noise = p.c != 0.0f;
-  const int threads =
-      threads_for(p.batch, row * (noise ? kCostWithNoise : kCostNoNoise), max_threads,
-                  kMinWorkPerThread);
-  parallel_for(p.batch, threads, [&p, row, noise](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      const float* x = p.x + s * row;
-      const float* d = p.direction + s * row;
-      float* out = p.out + s * row;
-      const uint32_t sample = static_cast<uint32_t>(p.sample_ids[s]);
-      if (noise)
-        update_row<true>(p, row, sample, x, d, out);
-      else
-        update_row<false>(p, row, sample, x, d, out);
-      remove_com_row(p, p.mask ? p.mask + s * p.atoms : nullptr, out);
-    }
-  });
+  const int threads = threads_for(p.batch, row * (noise ? kCostWithNoise : kCostNoNoise),
+                                  max_threads, kMinWorkPerThread);
+  parallel_for(p.batch, threads, [&p, fn](int64_t begin, int64_t end) { fn(p, begin, end); });
 }
 
 }  // namespace digfast
