@@ -1,0 +1,44 @@
+import math
+
+import pytest
+import torch
+
+from digfast.systems.particles import DoubleWell4, LennardJones13, pair_distances
+
+
+@pytest.mark.parametrize("system", [DoubleWell4(), LennardJones13()], ids=lambda s: s.name)
+def test_energy_is_invariant(system, rng):
+    x = 1.5 * torch.randn(7, system.n_atoms, system.spatial_dim, generator=rng, dtype=torch.float64)
+    e = system.energy(x)
+    q, _ = torch.linalg.qr(torch.randn(system.spatial_dim, system.spatial_dim, generator=rng, dtype=torch.float64))
+    perm = torch.randperm(system.n_atoms, generator=rng)
+    moved = x @ q.T + torch.randn(1, 1, system.spatial_dim, generator=rng, dtype=torch.float64)
+    torch.testing.assert_close(system.energy(moved[:, perm]), e)
+
+
+@pytest.mark.parametrize("system", [DoubleWell4(), LennardJones13()], ids=lambda s: s.name)
+def test_force_is_minus_gradient(system, rng):
+    x = torch.randn(3, system.n_atoms, system.spatial_dim, generator=rng, dtype=torch.float64) * 1.3
+    f = system.force(x)
+    h = 1e-6
+    for (b, i, k) in [(0, 0, 0), (1, 2, 1), (2, system.n_atoms - 1, system.spatial_dim - 1)]:
+        dx = torch.zeros_like(x)
+        dx[b, i, k] = h
+        num = -(system.energy(x + dx)[b] - system.energy(x - dx)[b]) / (2 * h)
+        assert float(f[b, i, k]) == pytest.approx(float(num), rel=1e-5, abs=1e-6)
+
+
+def test_dw4_pair_term_by_hand():
+    x = torch.tensor([[[0.0, 0.0], [5.0, 0.0], [0.0, 3.0], [5.0, 3.0]]], dtype=torch.float64)
+    d = pair_distances(x)[0]
+    assert sorted(d.tolist()) == pytest.approx(sorted([5, 3, math.sqrt(34), math.sqrt(34), 3, 5]))
+    expected = sum(0.9 * (v - 4) ** 4 - 4 * (v - 4) ** 2 for v in d.tolist())
+    assert float(DoubleWell4().energy(x)) == pytest.approx(expected)
+
+
+def test_lj13_counts_each_pair_twice():
+    x = torch.zeros(1, 13, 3, dtype=torch.float64)
+    x[0, :, 0] = torch.arange(13) * 10.0  # far apart: only pairs of neighbours matter a little
+    x[0, 1, 0] = 1.0                       # one pair at the minimum distance 1: pair energy -1
+    pair_only = LennardJones13().energy(x) - 0.5 * (x - x.mean(1, keepdim=True)).pow(2).sum()
+    assert float(pair_only) == pytest.approx(-2.0, abs=1e-3)
