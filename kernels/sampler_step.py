@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from digfast.ops import philox
 
@@ -43,11 +44,22 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _box_muller(w_r, w_t):
+def _box_muller(w_r, w_t, PRECISE_MATH: tl.constexpr):
+    """Normals (r cos theta, r sin theta) from a (radius word, angle word) pair, float32.
+
+    On a GPU, log/sin/cos come from libdevice (precise; tl.log and friends may lower to
+    approximate instructions, depending on the Triton release); the interpreter, which has
+    no libdevice, uses numpy's through tl.*.
+    """
     u = (w_r.to(tl.float32) + 1.0) * TWO_POW_M32
-    radius = tl.sqrt_rn(-2.0 * tl.log(u))
     theta = (w_t.to(tl.float32) * TWO_POW_M32) * TWO_PI_F32
-    return radius * tl.cos(theta), radius * tl.sin(theta)
+    if PRECISE_MATH:
+        radius = tl.sqrt_rn(-2.0 * libdevice.log(u))
+        cos_t, sin_t = libdevice.cos(theta), libdevice.sin(theta)
+    else:
+        radius = tl.sqrt_rn(-2.0 * tl.log(u))
+        cos_t, sin_t = tl.cos(theta), tl.sin(theta)
+    return radius * cos_t, radius * sin_t
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "stream"])
@@ -64,6 +76,7 @@ def _sampler_step_kernel(
     HAS_MASK: tl.constexpr,
     HAS_NOISE: tl.constexpr,
     PHILOX_BLOCKS: tl.constexpr,  # Philox blocks (of 4 elements) per tile
+    PRECISE_MATH: tl.constexpr,   # libdevice log/sin/cos (GPU), else tl.* (interpreter)
 ):
     pid = tl.program_id(0)
     row = n_atoms * D
@@ -93,8 +106,8 @@ def _sampler_step_kernel(
             zero = tl.zeros((PHILOX_BLOCKS,), dtype=tl.uint32)
             w0, w1, w2, w3 = _philox4x32_10(q.to(tl.uint32), zero + c1, zero + sample,
                                             zero + c3, k0, k1)
-            z0, z1 = _box_muller(w0, w1)
-            z2, z3 = _box_muller(w2, w3)
+            z0, z1 = _box_muller(w0, w1, PRECISE_MATH)
+            z2, z3 = _box_muller(w2, w3, PRECISE_MATH)
             z = tl.where(lane[None, :] == 0, z0[:, None],
                          tl.where(lane[None, :] == 1, z1[:, None],
                                   tl.where(lane[None, :] == 2, z2[:, None], z3[:, None])))
@@ -161,5 +174,6 @@ def sampler_step_triton(x, direction, a: float, b: float, c: float, *, seed, sam
         x, direction, out, ids, mask_arg, float(a), float(b), float(c),
         seed & philox.MASK32, seed >> 32, int(step), philox.STREAM_STEP, n_atoms,
         D=dim, HAS_MASK=mask is not None, HAS_NOISE=float(c) != 0.0,
-        PHILOX_BLOCKS=philox_blocks, num_warps=num_warps)
+        PHILOX_BLOCKS=philox_blocks, PRECISE_MATH=x.is_cuda, num_warps=num_warps,
+        enable_fp_fusion=False)  # the reference's float32 roundings: no FMA contraction
     return out
