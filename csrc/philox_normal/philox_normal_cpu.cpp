@@ -25,7 +25,8 @@ DIGFAST_CPU_CLONES void fill_rows(const PhiloxNormalParams& p, int64_t begin, in
 }  // namespace
 
 void philox_normal_cpu(const PhiloxNormalParams& p, int max_threads) {
-  const int threads = threads_for(p.batch, 4 * p.numel, max_threads, int64_t{1} << 16);
+  // ~4 work units (ns) per normal; threads only for >= ~250 us of work each (see sampler_step)
+  const int threads = threads_for(p.batch, 4 * p.numel, max_threads, int64_t{1} << 18);
   parallel_for(p.batch, threads, [&p](int64_t begin, int64_t end) { fill_rows(p, begin, end); });
 }
 
