@@ -159,6 +159,8 @@ def sampler_step_triton(x, direction, a: float, b: float, c: float, *, seed, sam
                            "torch.no_grad() or use backend='reference'")
     if x.dim() != 3 or x.shape[2] not in (2, 3) or x.shape[1] < 1:
         raise ValueError(f"x must be (batch, atoms>=1, 2 or 3), got {tuple(x.shape)}")
+    if x.shape[1] * x.shape[2] >= 2**31:
+        raise ValueError(f"atoms * dim must be < 2**31 (32-bit element offsets), got {tuple(x.shape)}")
     if not 0 <= int(step) < 2**32:
         raise ValueError(f"step must be in [0, 2**32), got {step}")
     seed = philox.check_seed(seed)
