@@ -38,6 +38,10 @@ def check_step_inputs(x, direction, sample_ids, mask):
         raise ValueError(f"direction shape {tuple(direction.shape)} != x shape {tuple(x.shape)}")
     if x.dtype != torch.float32 or direction.dtype != torch.float32:
         raise TypeError(f"sampler_step needs float32, got {x.dtype} and {direction.dtype}")
+    if sample_ids.dtype != torch.int64:
+        raise TypeError(f"sample_ids must be int64, got {sample_ids.dtype}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool, got {mask.dtype}")
     if sample_ids.shape != (x.shape[0],):
         raise ValueError(f"sample_ids must be ({x.shape[0]},), got {tuple(sample_ids.shape)}")
     if mask is not None and mask.shape != x.shape[:2]:
@@ -53,6 +57,8 @@ def sampler_step(x, direction, a, b, c, *, seed, sample_ids, step, mask=None, ba
     """Fused step; backend None picks the fastest available for x's device."""
     check_step_inputs(x, direction, sample_ids, mask)
     check_seed(seed)
+    if not 0 <= int(step) < 2**32:
+        raise ValueError(f"step must be in [0, 2**32), got {step}")
     name = backend or _backend.choose("sampler_step", x.device)
     if name == "reference":
         return sampler_step_reference(x, direction, a, b, c, seed=seed, sample_ids=sample_ids,
