@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (device tool): build digfast._C with CUDA in the checkout, check
+# the CUDA and Triton paths against the torch reference, time the step op and the sampler.
+# Writes JSON and logs under $OUT (default ./gpu_out) and prints short tables.
+#   run: bash bench/gpu_check.sh        (needs torch with CUDA, triton, pybind11, cmake, nvcc)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=4
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+
+# build in place (no pip, no network): the module lands next to the Python sources
+cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+  -DPython_EXECUTABLE="$(command -v python)" -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" \
+  > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+cmake --build build/gpu >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+cp build/gpu/_C*.so digfast/
+[ -e digfast/kernels ] || ln -s ../kernels digfast/kernels   # as the wheel maps it
+export PYTHONPATH=$PWD
+python -c "import digfast._C as C, json; print(json.dumps(C.build_info()))" | tee "$OUT/build_info.json"
+
+python -m pytest -q -p no:cacheprovider tests/test_sampler_step.py tests/test_philox.py \
+  tests/test_samplers.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+python bench/bench_sampler_step.py --json "$OUT/bench_sampler_step.json" | tee "$OUT/bench_sampler_step.txt"
+python bench/bench_sampler.py --json "$OUT/bench_sampler.json" | tee "$OUT/bench_sampler.txt"
