@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,11 +26,27 @@ def _builtin_mixture():
     return GaussianMixture.default().model(LinearVP())
 
 
-def load(name: str):
-    """A model by built-in name (or, from later releases, a path to config + weights)."""
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def builtin_names() -> list[str]:
+    shipped = [p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").exists()] if WEIGHTS_DIR.exists() else []
+    return sorted(set(BUILTIN_MODELS) | set(shipped))
+
+
+def load(name):
+    """A model by built-in name (analytic or shipped weights) or from a folder holding
+    config.json + model.safetensors."""
+    from digfast.models.score_model import ScoreModel
+
     if name in BUILTIN_MODELS:
         return BUILTIN_MODELS[name]()
-    raise ValueError(f"unknown model {name!r}; built-in models: {sorted(BUILTIN_MODELS)}")
+    if (WEIGHTS_DIR / str(name) / "config.json").exists():
+        return ScoreModel.load(WEIGHTS_DIR / str(name))
+    if Path(name).is_dir():
+        return ScoreModel.load(name)
+    raise ValueError(f"unknown model {name!r}: not a folder with config.json + model.safetensors, "
+                     f"nor a built-in model ({', '.join(builtin_names())})")
 
 
 def _resolve_system(model, system):
@@ -111,7 +129,7 @@ def sample_batch(model, system=None, n: int = 1000, steps: int | None = None, *,
     seconds = time.perf_counter() - start
     if bar:
         bar.close()
-    positions = torch.cat(out)
+    positions = torch.cat(out) * _scale(model)
     bad = int((~torch.isfinite(positions)).flatten(1).any(1).sum())
     if bad:  # keep the run: the caller decides what to do with the broken structures
         log.warning("digfast: %d of %d samples contain NaN/inf: the model or step count is unstable", bad, n)
@@ -145,19 +163,27 @@ def log_likelihood(model, system=None, positions=None, *, divergence: str = "exa
     if t_min is None:
         t_min = 1e-5 if model.schedule.kind == "vp" else 0.0
     bs = _batch_size(batch_size, n, system.n_atoms)
+    scale = _scale(model)
     parts = []
     for lo in range(0, n, bs):
         hi = min(n, lo + bs)
         m = None if mask is None else mask[lo:hi].to(device)
         parts.append(_lik.log_likelihood(
-            _score_fn(model), model.schedule, positions[lo:hi].to(device, dtype), mask=m,
+            _score_fn(model), model.schedule, positions[lo:hi].to(device, dtype) / scale, mask=m,
             divergence=divergence, probes=probes, seed=seed,
             sample_ids=torch.arange(lo, hi, device=device), method=method, steps=steps, rtol=rtol,
             atol=atol, t_min=t_min, prior_log_prob=prior_log_prob))
-    return _lik.LikelihoodResult(log_prob=torch.cat([p.log_prob for p in parts]).cpu(),
+    # density in the system's units: p_x(x) = p_y(x / scale) / scale^D
+    log_jac = _lik.dof(positions, mask).double() * math.log(scale)
+    return _lik.LikelihoodResult(log_prob=torch.cat([p.log_prob for p in parts]).cpu() - log_jac,
                                  latent=torch.cat([p.latent for p in parts]).cpu(),
                                  prior_log_prob=torch.cat([p.prior_log_prob for p in parts]).cpu(),
                                  n_evals=sum(p.n_evals for p in parts))
+
+
+def _scale(model) -> float:
+    """Models may work in normalised coordinates x / position_scale."""
+    return float(getattr(model, "position_scale", 1.0))
 
 
 def _step_backend(device) -> str:

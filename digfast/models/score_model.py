@@ -1,0 +1,78 @@
+"""A trained score model: network + schedule + system, saved as safetensors + JSON.
+
+The network predicts the noise eps of x_t = alpha x_0 + sigma eps in normalised
+coordinates x / position_scale; score(x, t) = -eps / sigma works in those coordinates and
+digfast.sample_batch / log_likelihood convert to and from the system's units.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from digfast.models.graphormer3d import Graphormer3D, Graphormer3DConfig
+from digfast.ops.sampler_step import remove_com
+from digfast.schedules import make_schedule
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+class ScoreModel(nn.Module):
+    def __init__(self, net: Graphormer3D, schedule, system, position_scale: float = 1.0,
+                 default_steps: int = 500, info: dict | None = None):
+        super().__init__()
+        self.net, self.schedule, self.system = net, schedule, system
+        self.position_scale = float(position_scale)
+        self.default_steps = int(default_steps)
+        self.info = dict(info or {})
+        self.register_buffer("atom_types", torch.as_tensor(system.atom_types, dtype=torch.long), persistent=False)
+
+    def predict_noise(self, x, t, mask=None):
+        dtype = self.net.embed.weight.dtype  # the likelihood may integrate in float64
+        return self.net(x.to(dtype), t, self.atom_types.to(x.device), mask).to(x.dtype)
+
+    def score(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = self.schedule.sigma(t.detach().cpu().double()).to(x.device, x.dtype)
+        return -remove_com(self.predict_noise(x, t, mask), mask) / sigma[:, None, None]
+
+    def config(self) -> dict:
+        return {"format": "digfast-score-model/1", "architecture": "graphormer3d",
+                "network": self.net.cfg.to_dict(), "schedule": self.schedule.config(),
+                "system": self.system.name, "position_scale": self.position_scale,
+                "default_steps": self.default_steps, "info": self.info}
+
+    def save(self, folder) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()},
+                  str(folder / WEIGHTS_FILE))
+        (folder / CONFIG_FILE).write_text(json.dumps(self.config(), indent=1))
+        return folder
+
+    @classmethod
+    def from_config(cls, config: dict, system=None) -> "ScoreModel":
+        from digfast.systems import get_system
+
+        if config.get("architecture") != "graphormer3d":
+            raise ValueError(f"unknown architecture {config.get('architecture')!r}")
+        net = Graphormer3D(Graphormer3DConfig(**config["network"]))
+        system = system if system is not None else get_system(config["system"])
+        return cls(net, make_schedule(config["schedule"]), system, config.get("position_scale", 1.0),
+                   config.get("default_steps", 500), config.get("info"))
+
+    @classmethod
+    def load(cls, folder) -> "ScoreModel":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (folder / name).exists():
+                raise FileNotFoundError(f"{folder / name} not found: a model folder holds {CONFIG_FILE} "
+                                        f"and {WEIGHTS_FILE}")
+        model = cls.from_config(json.loads((folder / CONFIG_FILE).read_text()))
+        model.net.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        return model.eval()

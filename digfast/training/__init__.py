@@ -1,0 +1,3 @@
+from digfast.training.dsm import TrainConfig, Trainer
+
+__all__ = ["TrainConfig", "Trainer"]
