@@ -1,4 +1,4 @@
-"""Command line: digfast sample | likelihood | info."""
+"""Command line: digfast sample | likelihood | train | info."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw an ensemble and report it")
     _add_common(s)
+    s.add_argument("--system", default=None, help="sample the shipped model of this system (same as --model)")
     s.add_argument("-n", type=int, default=2000, help="number of samples")
     s.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     s.add_argument("--sampler", default="ancestral", choices=sorted(SAMPLERS))
@@ -44,6 +45,20 @@ def _parser() -> argparse.ArgumentParser:
     lk.add_argument("--steps", type=int, default=100)
     lk.add_argument("-o", "--output", default=None, help="write log p per structure (.npy)")
 
+    tr = sub.add_parser("train", help="train a score model on structures (denoising score matching)")
+    tr.add_argument("--system", required=True, help="system with a training recipe (dw4, lj13)")
+    tr.add_argument("--data", required=True, help="training structures (.npy/.npz)")
+    tr.add_argument("--val", default=None, help="validation structures (default: last 5%% of --data)")
+    tr.add_argument("--out", required=True, help="folder for the trained model (config.json + safetensors)")
+    tr.add_argument("--run-dir", default=None, help="checkpoints (default: OUT/run)")
+    tr.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    tr.add_argument("--batch-size", type=int, default=None)
+    tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --run-dir")
+    tr.add_argument("--threads", type=int, default=None)
+    tr.add_argument("--quiet", action="store_true")
+
     sub.add_parser("info", help="versions and which backends this install has")
     return ap
 
@@ -56,7 +71,7 @@ def _cmd_sample(args) -> int:
         out = Path(args.output)
         if not out.parent.exists():
             raise FileNotFoundError(f"output folder {out.parent} does not exist")
-    model = digfast.load(args.model)
+    model = digfast.load(args.system or args.model)
     result = digfast.sample_batch(model, n=args.n, steps=args.steps, sampler=args.sampler,
                                   batch_size=args.batch_size, seed=args.seed, device=args.device,
                                   progress=not args.quiet)
@@ -95,6 +110,21 @@ def _cmd_likelihood(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from digfast.training.recipes import build_trainer, train_and_save
+
+    out = Path(args.out)
+    run_dir = Path(args.run_dir) if args.run_dir else out / "run"
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    trainer = build_trainer(args.system, args.data, args.val, run_dir, steps=args.steps, seed=args.seed,
+                            resume=args.resume, overrides=overrides)
+    folder = train_and_save(trainer, out, progress=not args.quiet)
+    last = trainer.history[-1] if trainer.history else {}
+    print(f"digfast: trained {args.system} for {trainer.step} steps; val loss {last.get('val_loss', float('nan')):.4f}; "
+          f"model in {folder} (load with digfast.load({str(folder)!r}))")
+    return 0
+
+
 def _cmd_info(args) -> int:
     import digfast
     from digfast.ops import _backend
@@ -118,7 +148,8 @@ def main(argv=None) -> int:
     if getattr(args, "batch_size", None) not in (None, "auto"):
         args.batch_size = int(args.batch_size)
     try:
-        return {"sample": _cmd_sample, "likelihood": _cmd_likelihood, "info": _cmd_info}[args.command](args)
+        commands = {"sample": _cmd_sample, "likelihood": _cmd_likelihood, "train": _cmd_train, "info": _cmd_info}
+        return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
         print(f"digfast: error: {err}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from digfast.systems import get_system
 from digfast.systems.mcmc import metropolis
 
 SETTINGS = {  # chains, burn-in iterations, thinning, initial step, one atom per move
-    "dw4": dict(chains=256, burn_in=20_000, thin=50, step=0.3, single_atom=False, spacing=3.0),
+    "dw4": dict(chains=256, burn_in=100_000, thin=500, step=0.3, single_atom=False, spacing=3.0),
     "lj13": dict(chains=256, burn_in=200_000, thin=260, step=0.1, single_atom=True, spacing=1.1),
 }
 

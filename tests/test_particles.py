@@ -52,3 +52,16 @@ def test_lj13_counts_each_pair_twice():
     x[0, 1, 0] = 1.0                       # one pair at the minimum distance 1: pair energy -1
     pair_only = LennardJones13().energy(x) - 0.5 * (x - x.mean(1, keepdim=True)).pow(2).sum()
     assert float(pair_only) == pytest.approx(-2.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("system,mean,std", [(DoubleWell4(), -22.47, 1.90), (LennardJones13(), -43.0, 7.10)],
+                         ids=["dw4", "lj13"])
+def test_shipped_reference_follows_the_energy(system, mean, std):
+    """The energy conventions reproduce the public samples' statistics (README of the data)."""
+    x = system.reference_data()
+    assert x.shape == (10_000, system.n_atoms, system.spatial_dim)
+    e = system.energy(x.double())
+    se = std / math.sqrt(len(e))
+    assert abs(float(e.mean()) - mean) < 0.01 + 4 * se
+    assert abs(float(e.std()) - std) < 0.05
+    assert x.mean(1).abs().max() < 1e-5

@@ -75,3 +75,20 @@ def test_bad_training_input_is_refused(rng, tmp_path):
         Trainer.resume(tmp_path, _data(rng), None)
     with pytest.raises(FileNotFoundError, match="config.json"):
         ScoreModel.load(tmp_path)
+
+
+def test_cli_train_smoke(tmp_path, rng, capsys):
+    import numpy as np
+
+    from digfast.cli import main
+
+    data = tmp_path / "dw4.npy"
+    np.save(data, (2.0 * torch.randn(200, 8, generator=rng)).numpy())
+    code = main(["train", "--system", "dw4", "--data", str(data), "--out", str(tmp_path / "m"), "--steps", "6",
+                 "--batch-size", "16", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    model = digfast.load(str(tmp_path / "m"))
+    assert model.info["train_steps"] == 6
+    assert (tmp_path / "m" / "run" / "checkpoint.json").exists()
+    assert main(["train", "--system", "nope", "--data", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--system", "dw4", "--data", str(tmp_path / "absent.npy"), "--out", str(tmp_path / "x")]) == 2

@@ -7,7 +7,12 @@ Both energies are invariant to rotations, translations and permutations.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
+
+DATA = Path(__file__).parent / "data"
 
 
 def pair_distances(x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +44,19 @@ class ParticleSystem:
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def reference_data(self) -> torch.Tensor:
+        """The shipped reference ensemble (public validation split, centred), float32."""
+        path = DATA / f"{self.name}_reference.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"reference data for {self.name} missing: {path}")
+        return torch.from_numpy(np.load(path)["positions"])
+
+    def reference_samples(self, n: int, seed: int = 0) -> torch.Tensor:
+        """n structures drawn without replacement from the reference (fewer if it is smaller)."""
+        data = self.reference_data()
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+        return data[idx]
 
     def force(self, x: torch.Tensor) -> torch.Tensor:
         """-grad E, the score of the Boltzmann density at kT = 1."""

@@ -1,0 +1,66 @@
+"""Training recipes of the shipped models, and the driver behind `digfast train`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from digfast.models import Graphormer3D, Graphormer3DConfig
+from digfast.models.score_model import ScoreModel
+from digfast.schedules import make_schedule
+from digfast.systems import get_system
+from digfast.training.dsm import TrainConfig, Trainer
+
+RECIPES = {
+    "dw4": dict(network=dict(layers=3, width=64, heads=4, ffn=128, gaussians=32),
+                schedule={"name": "linear"}, default_steps=500,
+                train=dict(steps=15_000, batch_size=256, lr=1e-3, warmup=500, ema_decay=0.999)),
+    "lj13": dict(network=dict(layers=4, width=64, heads=4, ffn=128, gaussians=32),
+                 schedule={"name": "linear"}, default_steps=500,
+                 train=dict(steps=20_000, batch_size=128, lr=1e-3, warmup=500, ema_decay=0.999)),
+}
+
+
+def load_structures(path, system) -> torch.Tensor:
+    """(n, N, d) float32 from .npy ((n, N*d) or (n, N, d)) or .npz with `positions`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such data file: {path}")
+    arr = np.load(path)["positions"] if path.suffix == ".npz" else np.load(path)
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.size % (system.n_atoms * system.spatial_dim):
+        raise ValueError(f"{path.name}: {arr.shape} does not hold whole {system.name} structures "
+                         f"({system.n_atoms} x {system.spatial_dim})")
+    return torch.from_numpy(arr).reshape(-1, system.n_atoms, system.spatial_dim)
+
+
+def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | None = None, seed: int = 0,
+                  resume: bool = False, overrides: dict | None = None) -> Trainer:
+    """A Trainer for a recipe; val defaults to the last 5% of data; resume reads run_dir."""
+    if system_name not in RECIPES:
+        raise ValueError(f"no training recipe for {system_name!r}; known: {sorted(RECIPES)}")
+    recipe, system = RECIPES[system_name], get_system(system_name)
+    train = load_structures(data, system)
+    if val is not None:
+        val = load_structures(val, system)
+    else:
+        cut = int(0.95 * len(train))
+        train, val = train[:cut], train[cut:]
+    if resume:
+        return Trainer.resume(run_dir, train, val)
+    torch.manual_seed(seed)
+    net = Graphormer3D(Graphormer3DConfig(n_atom_types=int(system.atom_types.max()) + 1, **recipe["network"]))
+    centred = train - train.mean(1, keepdim=True)
+    model = ScoreModel(net, make_schedule(recipe["schedule"]), system, position_scale=float(centred.std()),
+                       default_steps=recipe["default_steps"], info={"data": Path(data).name, "n_train": len(train)})
+    settings = {**recipe["train"], **(overrides or {}), **({"steps": steps} if steps else {})}
+    return Trainer(model, train, val, TrainConfig(seed=seed, **settings), out_dir=run_dir)
+
+
+def train_and_save(trainer: Trainer, out: str | Path, progress: bool = True) -> Path:
+    history = trainer.fit(progress=progress)
+    folder = trainer.ema_model().save(out)
+    (Path(folder) / "history.json").write_text(json.dumps(history, indent=1))
+    return folder
