@@ -79,3 +79,23 @@ def test_reference_size_parameter_count():
     assert (cfg.layers, cfg.width, cfg.heads, cfg.gaussians) == (12, 768, 32, 128)
     with pytest.raises(ValueError, match="divisible"):
         Graphormer3DConfig(width=30, heads=4)
+
+
+def test_bond_paths_bias_attention(rng):
+    from digfast.systems.graph import UNCONNECTED, shortest_paths
+
+    paths = shortest_paths(5, [(0, 1), (1, 2), (2, 3)])
+    assert paths[0, 3] == 3 and paths[3, 0] == 3 and paths[0, 4] == UNCONNECTED and paths[2, 2] == 0
+    torch.manual_seed(1)
+    net = Graphormer3D(Graphormer3DConfig(n_atom_types=3, layers=1, width=16, heads=2, ffn=16, gaussians=8,
+                                          max_path=3)).eval()
+    torch.nn.init.normal_(net.path_bias.weight)
+    x, t, types = _inputs(rng, 2, 5, 3)
+    with torch.no_grad():
+        a = net(x, t, types, paths=paths)
+        b = net(x, t, types, paths=shortest_paths(5, [(0, 1), (1, 2), (3, 4)]))
+        perm = torch.randperm(5, generator=rng)
+        torch.testing.assert_close(net(x[:, perm], t, types[perm], paths=paths[perm][:, perm]), a[:, perm], **TOL)
+    assert (a - b).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="paths"):
+        net(x, t, types)

@@ -30,6 +30,7 @@ class Graphormer3DConfig:
     ffn: int = 128
     gaussians: int = 32
     time_scale: float = 1000.0  # t in [0, 1] -> sinusoid argument
+    max_path: int = 0  # > 0: per-head bias from bond-graph shortest paths (capped), for molecules
 
     @classmethod
     def reference_size(cls, n_atom_types: int = 128) -> "Graphormer3DConfig":
@@ -98,13 +99,20 @@ class Graphormer3D(nn.Module):
         self.ln_out = nn.LayerNorm(w)
         self.head_qkv = nn.Linear(w, 3 * w)
         self.head_out = nn.Linear(w, 1, bias=False)
+        # path lengths 0..max_path, max_path + 1 = farther or unconnected
+        self.path_bias = nn.Embedding(cfg.max_path + 2, cfg.heads) if cfg.max_path > 0 else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, atom_types: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, d), t (B,), atom_types (N,) or (B, N) long, mask (B, N) bool -> eps (B, N, d)."""
+                mask: torch.Tensor | None = None, paths: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, d), t (B,), atom_types (N,) or (B, N) long, mask (B, N) bool,
+        paths (N, N) or (B, N, N) long bond-graph distances (models with max_path > 0) -> eps (B, N, d)."""
         b, n, _ = x.shape
         types = atom_types.expand(b, n) if atom_types.dim() == 1 else atom_types
         bias, phi = self.bias(x, types, mask)
+        if self.path_bias is not None:
+            if paths is None:
+                raise ValueError("this network was built with max_path > 0 and needs bond-graph paths")
+            bias = bias + self.path_bias(paths.clamp(max=self.cfg.max_path + 1)).movedim(-1, -3)
         if mask is not None:  # padded keys get no attention
             bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
         h = self.embed(types) + self.phi_proj(phi) + self.time(sinusoidal_embedding(t * self.cfg.time_scale, self.cfg.width)).unsqueeze(1)

@@ -14,6 +14,7 @@ from torch import nn
 
 from digfast.models.graphormer3d import Graphormer3D, Graphormer3DConfig
 from digfast.ops.sampler_step import remove_com
+from digfast.systems.graph import shortest_paths
 from digfast.schedules import make_schedule
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -28,10 +29,17 @@ class ScoreModel(nn.Module):
         self.default_steps = int(default_steps)
         self.info = dict(info or {})
         self.register_buffer("atom_types", torch.as_tensor(system.atom_types, dtype=torch.long), persistent=False)
+        paths = None
+        if net.cfg.max_path > 0:
+            if getattr(system, "bonds", None) is None:
+                raise ValueError(f"network uses bond-graph paths but system {system.name!r} has no bonds")
+            paths = shortest_paths(system.n_atoms, system.bonds)
+        self.register_buffer("paths", paths, persistent=False)
 
     def predict_noise(self, x, t, mask=None):
         dtype = self.net.embed.weight.dtype  # the likelihood may integrate in float64
-        return self.net(x.to(dtype), t, self.atom_types.to(x.device), mask).to(x.dtype)
+        paths = None if self.paths is None else self.paths.to(x.device)
+        return self.net(x.to(dtype), t, self.atom_types.to(x.device), mask, paths).to(x.dtype)
 
     def score(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         sigma = self.schedule.sigma(t.detach().cpu().double()).to(x.device, x.dtype)

@@ -80,7 +80,7 @@ class Trainer:
         tt = t.double()
         alpha, sigma = sched.alpha(tt).float()[:, None, None], sched.sigma(tt).float()[:, None, None]
         xt = alpha * x0 + sigma * eps
-        pred = remove_com(net(xt, t, self.model.atom_types))
+        pred = remove_com(net(xt, t, self.model.atom_types, None, self.model.paths))
         return (pred - eps).pow(2).sum((1, 2)).mean() / self.model.system.dof
 
     def _batch(self, data):
