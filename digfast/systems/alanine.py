@@ -1,0 +1,361 @@
+"""Alanine dipeptide (Ace-Ala-Nme, 22 atoms) in vacuum at 300 K, Amber ff96.
+
+The force field files are the prmtop/crd that the PyPI package openmmtools ships under
+openmmtools/data/alanine-dipeptide-gbsa/ (copied, unchanged, to ``data/``; see
+``data/alanine-dipeptide.README.md``). The system is built with ``createSystem(nonbondedMethod=NoCutoff)``
+and no implicit solvent: the prmtop's GB radii are only used when ``implicitSolvent`` is
+passed, so this is the vacuum potential.
+
+This module needs only numpy/torch (mdtraj for the topology); OpenMM is imported lazily, by
+:meth:`AlanineDipeptide.energy` and :meth:`AlanineDipeptide.force` alone.
+
+Conventions
+-----------
+* Positions in Angstrom (``length_unit_nm = 0.1``), shape (..., 22, 3), atoms in prmtop order.
+* Dihedrals in degrees in [-180, 180); ``phi = C(Ace)-N-CA-C``, ``psi = N-CA-C-N(Nme)``, sign
+  as mdtraj (IUPAC).
+* Energies in kT at 300 K.
+
+Helpers for the accuracy report: :func:`phi_psi`, :func:`basin_populations` (the basin
+definitions live there and only there), :func:`ramachandran_histogram`,
+:func:`js_divergence`, :func:`js_noise_floor` and :func:`load_reference` (the shipped
+reference, made by ``scripts/alanine_reference.py``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA = Path(__file__).parent / "data"
+PDB_PATH = DATA / "alanine-dipeptide.pdb"
+PRMTOP_PATH = DATA / "alanine-dipeptide.prmtop"
+CRD_PATH = DATA / "alanine-dipeptide.crd"
+REFERENCE_PATH = DATA / "alanine_reference.npz"
+
+N_ATOMS = 22
+TEMPERATURE_K = 300.0
+# kT at 300 K in kJ/mol: R T with openmm.unit.MOLAR_GAS_CONSTANT_R = 8.31446261815324 J/(mol K).
+KT_KJ_MOL = 8.31446261815324e-3 * TEMPERATURE_K
+
+# Atom order of the prmtop (0-based): 0 HH31, 1 CH3, 2 HH32, 3 HH33, 4 C, 5 O (Ace);
+# 6 N, 7 H, 8 CA, 9 HA, 10 CB, 11-13 HB1-3, 14 C, 15 O (Ala); 16 N, 17 H, 18 CH3, 19-21 H (Nme).
+PHI_ATOMS = (4, 6, 8, 14)
+PSI_ATOMS = (6, 8, 14, 16)
+
+ELEMENTS = ("H", "C", "N", "O")
+# Element index (into ELEMENTS) of each atom, prmtop order.
+ATOM_TYPES = (0, 1, 0, 0, 1, 3, 2, 0, 1, 0, 1, 0, 0, 0, 1, 3, 2, 0, 1, 0, 0, 0)
+# Covalent bonds of the prmtop topology, (i, j) with i < j.
+BONDS = ((0, 1), (1, 2), (1, 3), (1, 4), (4, 5), (4, 6), (6, 7), (6, 8), (8, 9), (8, 10),
+         (8, 14), (10, 11), (10, 12), (10, 13), (14, 15), (14, 16), (16, 17), (16, 18),
+         (18, 19), (18, 20), (18, 21))
+
+# Basins on the Ramachandran plane, in degrees; each point gets the first label whose box
+# holds it, so the labels partition the plane. phi < 0 holds C5, PII, C7eq, alphaR (the
+# vacuum states at 300 K); phi >= 0 is the rare region (C7ax and alphaL, ~1%).
+#   C5     : phi in [-180, -120) and (psi >= 120 or psi < -150)     extended, beta
+#   PII    : phi in [-120, -30) and (psi >= 150 or psi < -150)    polyproline II
+#   C7eq   : phi in [-120, -30) and psi in [30, 150)
+#   alphaR : phi in [-180, -30) and psi in [-150, 30)               right-handed helix
+#   C7ax   : phi in [0, 180) and psi in [-150, 30)                   (phi > 0, psi < 30)
+#   alphaL : phi in [0, 180) and (psi >= 30 or psi < -150)           (phi > 0, psi > 30)
+#   other  : what is left: phi in [-180, -120) with psi in [30, 120); phi in [-30, 0)
+# "phi_pos" = C7ax + alphaL = the fraction with phi >= 0 (includes the few C5 frames that
+# cross phi = +-180 into phi ~ +170, ~0.1% at 300 K); "phi_pos_0_120" counts phi in [0, 120)
+# only, the C7ax/alphaL wells without that spill-over.
+BASINS = ("C5", "PII", "C7eq", "alphaR", "C7ax", "alphaL", "other")
+
+
+def _np(a) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def _wrap_deg(a: np.ndarray) -> np.ndarray:
+    """Angles to [-180, 180)."""
+    return (np.asarray(a, dtype=np.float64) + 180.0) % 360.0 - 180.0
+
+
+def dihedral(positions, idx, degrees: bool = True):
+    """Dihedral angle of atoms idx = (i, j, k, l) for positions (..., N, 3).
+
+    numpy in, numpy out (float64); torch in, torch out (differentiable). Sign convention of
+    mdtraj.compute_dihedrals / IUPAC: atan2(|b2| b1 . (b2 x b3), (b1 x b2) . (b2 x b3)).
+    """
+    is_torch = isinstance(positions, torch.Tensor)
+    if is_torch:
+        p = positions
+        cross, dot = (lambda a, b: torch.linalg.cross(a, b, dim=-1)), (lambda a, b: (a * b).sum(-1))
+        norm, atan2 = (lambda a: a.norm(dim=-1)), torch.atan2
+    else:
+        p = np.asarray(positions, dtype=np.float64)
+        cross, dot = (lambda a, b: np.cross(a, b)), (lambda a, b: (a * b).sum(-1))
+        norm, atan2 = (lambda a: np.linalg.norm(a, axis=-1)), np.arctan2
+    i, j, k, l = idx
+    b1 = p[..., j, :] - p[..., i, :]
+    b2 = p[..., k, :] - p[..., j, :]
+    b3 = p[..., l, :] - p[..., k, :]
+    c23 = cross(b2, b3)
+    angle = atan2(norm(b2) * dot(b1, c23), dot(cross(b1, b2), c23))
+    if degrees:
+        angle = angle * (180.0 / math.pi)
+        # atan2 gives (-180, 180]; map +180 to -180 so that angles lie in [-180, 180)
+        if is_torch:
+            angle = torch.where(angle >= 180.0, angle - 360.0, angle)
+        else:
+            angle = np.where(angle >= 180.0, angle - 360.0, angle)
+    return angle
+
+
+def phi_psi(positions_angstrom, degrees: bool = True):
+    """(phi, psi) of positions (..., 22, 3) in prmtop atom order; degrees in [-180, 180).
+
+    Any length unit works (angles are scale free); numpy or torch in, same type out.
+    """
+    shape = tuple(positions_angstrom.shape)
+    if len(shape) < 2 or shape[-2:] != (N_ATOMS, 3):
+        raise ValueError(f"expected (..., {N_ATOMS}, 3) positions, got {shape}")
+    return dihedral(positions_angstrom, PHI_ATOMS, degrees), dihedral(positions_angstrom, PSI_ATOMS, degrees)
+
+
+def basin_labels(phi, psi) -> np.ndarray:
+    """Index into BASINS of each (phi, psi) pair, angles in degrees (any period)."""
+    phi, psi = _wrap_deg(_np(phi)), _wrap_deg(_np(psi))
+    if phi.shape != psi.shape:
+        raise ValueError(f"phi and psi shapes differ: {phi.shape} vs {psi.shape}")
+    beta_psi = (psi >= 120.0) | (psi < -150.0)
+    ppii_psi = (psi >= 150.0) | (psi < -150.0)
+    lab = np.full(phi.shape, BASINS.index("other"), dtype=np.int64)
+    # assign in reverse priority so that earlier rules win
+    rules = [
+        ("alphaL", (phi >= 0.0) & ~((psi >= -150.0) & (psi < 30.0))),
+        ("C7ax", (phi >= 0.0) & (psi >= -150.0) & (psi < 30.0)),
+        ("alphaR", (phi < -30.0) & (psi >= -150.0) & (psi < 30.0)),
+        ("C7eq", (phi >= -120.0) & (phi < -30.0) & (psi >= 30.0) & (psi < 150.0)),
+        ("PII", (phi >= -120.0) & (phi < -30.0) & ppii_psi),
+        ("C5", (phi < -120.0) & beta_psi),
+    ]
+    for name, mask in rules:
+        lab[mask] = BASINS.index(name)
+    return lab
+
+
+def _normalised_weights(weights, n: int) -> np.ndarray:
+    if weights is None:
+        return np.full(n, 1.0 / max(n, 1))
+    w = _np(weights).astype(np.float64).reshape(-1)
+    if w.shape[0] != n:
+        raise ValueError(f"need one weight per angle pair: {w.shape[0]} weights for {n} pairs")
+    if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError("weights must be finite, non-negative and not all zero")
+    return w / w.sum()
+
+
+def basin_populations(phi, psi, weights=None) -> dict:
+    """Population of each basin of BASINS, plus "phi_pos" (phi >= 0) and "phi_pos_0_120".
+
+    phi, psi in degrees (numpy or torch, any shape, flattened); weights: optional per-pair
+    non-negative weights (e.g. exp(log_weight) of a biased run), normalised here.
+    """
+    phi, psi = _wrap_deg(_np(phi)).reshape(-1), _wrap_deg(_np(psi)).reshape(-1)
+    w = _normalised_weights(weights, phi.shape[0])
+    lab = basin_labels(phi, psi)
+    out = {name: float(w[lab == i].sum()) for i, name in enumerate(BASINS)}
+    out["phi_pos"] = float(w[phi >= 0.0].sum())
+    out["phi_pos_0_120"] = float(w[(phi >= 0.0) & (phi < 120.0)].sum())
+    return out
+
+
+def ramachandran_histogram(phi, psi, weights=None, bins: int = 36) -> np.ndarray:
+    """(bins, bins) probability histogram over [-180, 180)^2 (phi rows, psi columns), sums to 1."""
+    phi, psi = _wrap_deg(_np(phi)).reshape(-1), _wrap_deg(_np(psi)).reshape(-1)
+    w = _normalised_weights(weights, phi.shape[0])
+    edges = np.linspace(-180.0, 180.0, bins + 1)
+    h, _, _ = np.histogram2d(phi, psi, bins=[edges, edges], weights=w)
+    return h / h.sum()
+
+
+def js_divergence(hist_a, hist_b) -> float:
+    """Jensen-Shannon divergence (natural log, so in [0, ln 2]) of two histograms.
+
+    Inputs are non-negative arrays of the same shape (counts or probabilities), each
+    normalised here; empty bins are fine.
+    """
+    p, q = _np(hist_a).astype(np.float64).ravel(), _np(hist_b).astype(np.float64).ravel()
+    if p.shape != q.shape:
+        raise ValueError(f"histogram shapes differ: {p.shape} vs {q.shape}")
+    if (p < 0).any() or (q < 0).any() or p.sum() <= 0 or q.sum() <= 0:
+        raise ValueError("histograms must be non-negative with positive mass")
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+
+    def kl(a):
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log(a[nz] / m[nz])))
+
+    return float(min(max(0.5 * kl(p) + 0.5 * kl(q), 0.0), math.log(2.0)))
+
+
+def js_noise_floor(phi, psi, n: int, weights=None, bins: int = 36, repeats: int = 20,
+                   seed: int = 0) -> tuple[float, float]:
+    """JS divergence between two independent n-sample sets drawn from a reference.
+
+    Both sets are drawn with replacement, with probability proportional to weights, from the
+    reference (phi, psi); the mean and standard deviation over repeats are returned. This is
+    the noise floor of :func:`js_divergence` for a model sample of size n compared with the
+    reference, when reference frames are (near) independent and n is well below their number.
+    """
+    phi, psi = _wrap_deg(_np(phi)).reshape(-1), _wrap_deg(_np(psi)).reshape(-1)
+    w = _normalised_weights(weights, phi.shape[0])
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(repeats):
+        a = rng.choice(phi.shape[0], size=n, p=w)
+        b = rng.choice(phi.shape[0], size=n, p=w)
+        vals.append(js_divergence(ramachandran_histogram(phi[a], psi[a], bins=bins),
+                                  ramachandran_histogram(phi[b], psi[b], bins=bins)))
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def load_reference(path=None) -> dict:
+    """The shipped reference (numpy arrays; see scripts/alanine_reference.py, --pack).
+
+    Keys: ``positions`` (n, 22, 3) float32 Angstrom, equally weighted 300 K samples (a
+    systematic resample of the weighted frames) with their ``phi``, ``psi`` (degrees) and
+    ``energy_kT``; ``all_phi``, ``all_psi``, ``all_log_weight`` for every saved frame of the
+    production run (exact 300 K averages: weights exp(all_log_weight)); ``info``: JSON text
+    of the run settings and convergence check.
+    """
+    path = Path(path) if path is not None else REFERENCE_PATH
+    if not path.exists():
+        raise FileNotFoundError(f"alanine dipeptide reference missing: {path} "
+                                "(made by scripts/alanine_reference.py --pack)")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _require_openmm():
+    try:
+        import openmm  # noqa: F401
+        import openmm.app  # noqa: F401
+    except ImportError as e:  # pragma: no cover - exercised only without openmm
+        raise ImportError("AlanineDipeptide.energy/force need OpenMM: pip install openmm "
+                          "(or conda install -c conda-forge openmm)") from e
+    import openmm
+
+    return openmm
+
+
+def openmm_system(constraints: str | None = None):
+    """(topology, System) in vacuum from the shipped prmtop: NoCutoff, no implicit solvent.
+
+    constraints: None (all bonds flexible; the energy model of :class:`AlanineDipeptide`) or
+    "HBonds" (the MD setting of the reference run; constrained X-H bonds then carry no
+    bond energy term, and their lengths equal the bond r0, so both systems give the same
+    energy on constrained structures).
+    """
+    openmm = _require_openmm()
+    app = openmm.app
+    prmtop = app.AmberPrmtopFile(str(PRMTOP_PATH))
+    cons = {None: None, "HBonds": app.HBonds}[constraints]
+    system = prmtop.createSystem(nonbondedMethod=app.NoCutoff, constraints=cons, implicitSolvent=None)
+    return prmtop.topology, system
+
+
+class AlanineDipeptide:
+    """Alanine dipeptide in vacuum, Amber ff96, 300 K; positions in Angstrom, energies in kT.
+
+    n_atoms = 22, spatial_dim = 3, atom_types = element index into ELEMENTS (H, C, N, O),
+    bonds = (21, 2) covalent bonds; topology = mdtraj Topology of the shipped PDB.
+    """
+
+    name = "alanine-dipeptide"
+    n_atoms = N_ATOMS
+    spatial_dim = 3
+    length_unit_nm = 0.1
+    temperature = TEMPERATURE_K
+    kT_kj_mol = KT_KJ_MOL
+    elements = ELEMENTS
+
+    def __init__(self):
+        self.atom_types = torch.tensor(ATOM_TYPES, dtype=torch.long)
+        self.bonds = torch.tensor(BONDS, dtype=torch.long)
+        self._topology = None
+        self._context = None
+
+    @classmethod
+    def default(cls) -> "AlanineDipeptide":
+        return cls()
+
+    @property
+    def dof(self) -> int:
+        return self.spatial_dim * (self.n_atoms - 1)
+
+    @property
+    def topology(self):
+        if self._topology is None:
+            import mdtraj
+
+            self._topology = mdtraj.load_topology(str(PDB_PATH))
+        return self._topology
+
+    def structure(self) -> torch.Tensor:
+        """The shipped PDB structure (energy-minimised), (1, 22, 3) Angstrom float64."""
+        import mdtraj
+
+        return torch.from_numpy(mdtraj.load(str(PDB_PATH)).xyz.astype(np.float64) * 10.0)
+
+    def reference_data(self) -> torch.Tensor:
+        """Equally weighted 300 K reference structures (n, 22, 3), Angstrom, float32."""
+        return torch.from_numpy(load_reference()["positions"])
+
+    def _check(self, x):
+        if x.dim() != 3 or tuple(x.shape[1:]) != (self.n_atoms, self.spatial_dim):
+            raise ValueError(f"{self.name}: expected (batch, {self.n_atoms}, {self.spatial_dim}), "
+                             f"got {tuple(x.shape)}")
+
+    def _openmm_context(self):
+        if self._context is None:
+            openmm = _require_openmm()
+            _, system = openmm_system(constraints=None)
+            integrator = openmm.VerletIntegrator(0.001)
+            platform = openmm.Platform.getPlatformByName("Reference")
+            self._context = openmm.Context(system, integrator, platform)
+        return self._context
+
+    def _evaluate(self, x, forces: bool):
+        x = torch.as_tensor(x)
+        self._check(x)
+        ctx = self._openmm_context()
+        xyz_nm = x.detach().cpu().to(torch.float64).numpy() * self.length_unit_nm
+        energies = np.empty(len(xyz_nm))
+        grads = np.empty_like(xyz_nm) if forces else None
+        for b, pos in enumerate(xyz_nm):
+            ctx.setPositions(pos)
+            state = ctx.getState(getEnergy=True, getForces=forces)
+            energies[b] = state.getPotentialEnergy()._value  # kJ/mol
+            if forces:
+                grads[b] = state.getForces(asNumpy=True)._value  # kJ/mol/nm
+        return energies, grads
+
+    def energy(self, x) -> torch.Tensor:
+        """Potential energy in kT at 300 K of structures (B, 22, 3) in Angstrom, float64.
+
+        All bonds flexible (full ff96 energy, NoCutoff, vacuum); not differentiable through
+        torch (use :meth:`force`). Needs OpenMM.
+        """
+        e, _ = self._evaluate(x, forces=False)
+        return torch.from_numpy(e / self.kT_kj_mol)
+
+    def force(self, x) -> torch.Tensor:
+        """-grad energy in kT per Angstrom, (B, 22, 3) float64. Needs OpenMM."""
+        _, f = self._evaluate(x, forces=True)
+        return torch.from_numpy(f * self.length_unit_nm / self.kT_kj_mol)
+
+    def config(self) -> dict:
+        return {"name": self.name, "temperature_K": self.temperature,
+                "force_field": "Amber ff96, vacuum (NoCutoff), prmtop from openmmtools"}
