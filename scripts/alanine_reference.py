@@ -421,10 +421,11 @@ def pack(src: Path, dst: Path, n_frames: int, seed: int):
                     "source_frames": int(len(w))}
     pops = ala.basin_populations(fr["phi_deg"][idx], fr["psi_deg"][idx])
     info["pack"]["populations_of_packed_positions"] = pops
+    pos = fr["positions_A"][idx].astype(np.float64)
     dst.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         dst,
-        positions=fr["positions_A"][idx].astype(np.float32),
+        positions=(pos - pos.mean(axis=1, keepdims=True)).astype(np.float32),
         phi=fr["phi_deg"][idx].astype(np.float32), psi=fr["psi_deg"][idx].astype(np.float32),
         energy_kT=(fr["potential_kJmol"][idx] / KT).astype(np.float32),
         t_ps=fr["t_ps"][idx].astype(np.float32),

@@ -74,11 +74,12 @@ def test_phi_psi_numpy_torch_mdtraj_agree(pdb, conformations):
 
 def test_basins_on_hand_made_angles():
     cases = {  # (phi, psi) -> basin
-        (-150, 160): "C5", (-170, -170): "C5", (179, 170): "alphaL", (-130, 125): "C5",
-        (-80, 70): "C7eq", (-100, 140): "C7eq", (-70, 160): "PII", (-60, -175): "PII",
+        (-150, 160): "C5", (-170, -170): "C5", (-130, 125): "C5", (-179.9, 179.9): "C5",
+        (-80, 70): "C7eq", (-100, 140): "C7eq", (-150, 80): "C7eq", (-10, 40): "C7eq",
+        (-70, 160): "PII", (-60, -175): "PII", (-110, 150): "PII",
         (-70, -40): "alphaR", (-150, -60): "alphaR",
-        (70, -70): "C7ax", (60, 40): "alphaL", (60, -160): "alphaL",
-        (-15, 50): "other", (-150, 60): "other",
+        (70, -70): "C7ax", (60, -160): "C7ax", (60, 40): "alphaL", (100, 170): "alphaL",
+        (179, 170): "other", (130, -60): "other",
     }
     phi = np.array([k[0] for k in cases], float)
     psi = np.array([k[1] for k in cases], float)
@@ -88,9 +89,10 @@ def test_basins_on_hand_made_angles():
     assert (ala.basin_labels(phi + 360, psi - 360) == ala.basin_labels(phi, psi)).all()
     pops = ala.basin_populations(phi, psi)
     assert abs(sum(pops[b] for b in ala.BASINS) - 1) < 1e-12
-    assert pops["C5"] == pytest.approx(3 / 15) and pops["C7eq"] == pytest.approx(2 / 15)
-    assert pops["phi_pos"] == pytest.approx(4 / 15)
-    assert pops["phi_pos_0_120"] == pytest.approx(3 / 15)  # (179, 170) is not in [0, 120)
+    n = len(cases)
+    assert pops["C5"] == pytest.approx(4 / n) and pops["C7eq"] == pytest.approx(4 / n)
+    assert pops["phi_pos"] == pytest.approx(6 / n)
+    assert pops["phi_pos_0_120"] == pytest.approx(4 / n)  # (179, 170), (130, -60) are not
     # weights: all mass on one point; torch input works too
     w = np.zeros(len(phi))
     w[list(cases).index((-80, 70))] = 5.0
@@ -136,6 +138,9 @@ def test_system_attributes(pdb):
     assert sorted(map(tuple, s.bonds.tolist())) == sorted(
         (min(a.index, b.index), max(a.index, b.index)) for a, b in s.topology.bonds)
     assert s.topology.n_atoms == 22 and s.structure().shape == (1, 22, 3)
+    if ala.REFERENCE_PATH.exists():
+        x = s.reference_samples(7, seed=1)
+        assert x.shape == (7, 22, 3) and torch.equal(x, s.reference_samples(7, seed=1))
 
 
 def test_shipped_reference_shapes_and_populations():
@@ -149,6 +154,7 @@ def test_shipped_reference_shapes_and_populations():
         assert ref[k].shape == (n,)
     m = ref["all_phi"].shape[0]
     assert m >= n and ref["all_psi"].shape == (m,) and ref["all_log_weight"].shape == (m,)
+    assert np.abs(ref["positions"].mean(axis=1)).max() < 1e-4  # centred
     # stored angles are those of the stored positions
     phi, psi = ala.phi_psi(ref["positions"][:500])
     assert _angle_diff(phi, ref["phi"][:500]).max() < 0.05

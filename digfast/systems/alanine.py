@@ -53,19 +53,19 @@ BONDS = ((0, 1), (1, 2), (1, 3), (1, 4), (4, 5), (4, 6), (6, 7), (6, 8), (8, 9),
          (8, 14), (10, 11), (10, 12), (10, 13), (14, 15), (14, 16), (16, 17), (16, 18),
          (18, 19), (18, 20), (18, 21))
 
-# Basins on the Ramachandran plane, in degrees; each point gets the first label whose box
-# holds it, so the labels partition the plane. phi < 0 holds C5, PII, C7eq, alphaR (the
-# vacuum states at 300 K); phi >= 0 is the rare region (C7ax and alphaL, ~1%).
-#   C5     : phi in [-180, -120) and (psi >= 120 or psi < -150)     extended, beta
-#   PII    : phi in [-120, -30) and (psi >= 150 or psi < -150)    polyproline II
-#   C7eq   : phi in [-120, -30) and psi in [30, 150)
-#   alphaR : phi in [-180, -30) and psi in [-150, 30)               right-handed helix
-#   C7ax   : phi in [0, 180) and psi in [-150, 30)                   (phi > 0, psi < 30)
-#   alphaL : phi in [0, 180) and (psi >= 30 or psi < -150)           (phi > 0, psi > 30)
-#   other  : what is left: phi in [-180, -120) with psi in [30, 120); phi in [-30, 0)
-# "phi_pos" = C7ax + alphaL = the fraction with phi >= 0 (includes the few C5 frames that
-# cross phi = +-180 into phi ~ +170, ~0.1% at 300 K); "phi_pos_0_120" counts phi in [0, 120)
-# only, the C7ax/alphaL wells without that spill-over.
+# Basins on the Ramachandran plane, degrees in [-180, 180); the labels partition the plane.
+# In vacuum at 300 K the phi < 0 half holds ~99%: one broad region with wells at C5
+# (-155, 165) and C7eq (-80, 75) joined by ~2 kT saddles through PII; phi >= 0 holds the rare
+# C7ax well (70, -70) and a trace of alphaL.
+#   C5     : phi < -120 and (psi >= 120 or psi < -150)           extended, beta
+#   PII    : -120 <= phi < 0 and (psi >= 150 or psi < -150)      polyproline II
+#   C7eq   : phi < 0 and 30 <= psi < 150, not C5                  (so phi < -120 only up to psi 120)
+#   alphaR : phi < 0 and -150 <= psi < 30                         right-handed helix
+#   C7ax   : 0 <= phi < 120 and psi < 30
+#   alphaL : 0 <= phi < 120 and psi >= 30
+#   other  : 120 <= phi < 180 (mostly C5 frames crossing phi = +-180, ~0.1%)
+# Also reported: "phi_pos" = fraction with phi >= 0 (= C7ax + alphaL + other), the "phi > 0"
+# population of the accuracy report, and "phi_pos_0_120" = C7ax + alphaL.
 BASINS = ("C5", "PII", "C7eq", "alphaR", "C7ax", "alphaL", "other")
 
 
@@ -127,20 +127,16 @@ def basin_labels(phi, psi) -> np.ndarray:
     phi, psi = _wrap_deg(_np(phi)), _wrap_deg(_np(psi))
     if phi.shape != psi.shape:
         raise ValueError(f"phi and psi shapes differ: {phi.shape} vs {psi.shape}")
-    beta_psi = (psi >= 120.0) | (psi < -150.0)
-    ppii_psi = (psi >= 150.0) | (psi < -150.0)
+    ext_psi = (psi >= 150.0) | (psi < -150.0)
     lab = np.full(phi.shape, BASINS.index("other"), dtype=np.int64)
-    # assign in reverse priority so that earlier rules win
-    rules = [
-        ("alphaL", (phi >= 0.0) & ~((psi >= -150.0) & (psi < 30.0))),
-        ("C7ax", (phi >= 0.0) & (psi >= -150.0) & (psi < 30.0)),
-        ("alphaR", (phi < -30.0) & (psi >= -150.0) & (psi < 30.0)),
-        ("C7eq", (phi >= -120.0) & (phi < -30.0) & (psi >= 30.0) & (psi < 150.0)),
-        ("PII", (phi >= -120.0) & (phi < -30.0) & ppii_psi),
-        ("C5", (phi < -120.0) & beta_psi),
-    ]
-    for name, mask in rules:
-        lab[mask] = BASINS.index(name)
+    neg, pos = phi < 0.0, (phi >= 0.0) & (phi < 120.0)
+    c5 = (phi < -120.0) & ((psi >= 120.0) | (psi < -150.0))
+    lab[neg & (psi >= -150.0) & (psi < 30.0)] = BASINS.index("alphaR")
+    lab[neg & (psi >= 30.0) & (psi < 150.0) & ~c5] = BASINS.index("C7eq")
+    lab[neg & (phi >= -120.0) & ext_psi] = BASINS.index("PII")
+    lab[c5] = BASINS.index("C5")
+    lab[pos & (psi < 30.0)] = BASINS.index("C7ax")
+    lab[pos & (psi >= 30.0)] = BASINS.index("alphaL")
     return lab
 
 
@@ -224,8 +220,8 @@ def js_noise_floor(phi, psi, n: int, weights=None, bins: int = 36, repeats: int 
 def load_reference(path=None) -> dict:
     """The shipped reference (numpy arrays; see scripts/alanine_reference.py, --pack).
 
-    Keys: ``positions`` (n, 22, 3) float32 Angstrom, equally weighted 300 K samples (a
-    systematic resample of the weighted frames) with their ``phi``, ``psi`` (degrees) and
+    Keys: ``positions`` (n, 22, 3) float32 Angstrom, centred (zero mean over atoms), equally
+    weighted 300 K samples in time order (a systematic resample of the weighted frames) with their ``phi``, ``psi`` (degrees) and
     ``energy_kT``; ``all_phi``, ``all_psi``, ``all_log_weight`` for every saved frame of the
     production run (exact 300 K averages: weights exp(all_log_weight)); ``info``: JSON text
     of the run settings and convergence check.
@@ -310,8 +306,14 @@ class AlanineDipeptide:
         return torch.from_numpy(mdtraj.load(str(PDB_PATH)).xyz.astype(np.float64) * 10.0)
 
     def reference_data(self) -> torch.Tensor:
-        """Equally weighted 300 K reference structures (n, 22, 3), Angstrom, float32."""
+        """Equally weighted 300 K reference structures (n, 22, 3), Angstrom, centred, float32."""
         return torch.from_numpy(load_reference()["positions"])
+
+    def reference_samples(self, n: int, seed: int = 0) -> torch.Tensor:
+        """n structures drawn without replacement from the reference (fewer if it is smaller)."""
+        data = self.reference_data()
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+        return data[idx]
 
     def _check(self, x):
         if x.dim() != 3 or tuple(x.shape[1:]) != (self.n_atoms, self.spatial_dim):
