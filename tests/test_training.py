@@ -92,3 +92,17 @@ def test_cli_train_smoke(tmp_path, rng, capsys):
     assert (tmp_path / "m" / "run" / "checkpoint.json").exists()
     assert main(["train", "--system", "nope", "--data", str(data), "--out", str(tmp_path / "x")]) == 2
     assert main(["train", "--system", "dw4", "--data", str(tmp_path / "absent.npy"), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("name", ["dw4", "lj13"])
+def test_shipped_models_load_and_sample(name):
+    from digfast.api import WEIGHTS_DIR
+
+    if not (WEIGHTS_DIR / name / "config.json").exists():
+        pytest.skip(f"no shipped weights for {name} in this checkout")
+    model = digfast.load(name)
+    out = digfast.sample_batch(model, n=64, steps=20, sampler="dpm++2m", progress=False)
+    assert out.metadata["n_nonfinite"] == 0
+    # a trained model lands near the reference energies (an untrained one is off by orders of magnitude)
+    e, ref = out.energies(), model.system.energy(model.system.reference_samples(64))
+    assert abs(float(e.median() - ref.median())) < 3 * float(ref.std())

@@ -3,7 +3,7 @@
     L = E_{t, x_0, eps} | eps_theta(alpha_t x_0 + sigma_t eps, t) - eps |^2,   eps in the zero-CoM subspace
 
 (= |sigma_t s_theta + eps|^2 with s = -eps_theta / sigma). AdamW, EMA of the weights,
-gradient-norm clipping, t uniform on [t_min, t_max] (antithetic pairs halve the variance),
+gradient-norm clipping, t = t_min + (t_max - t_min) u^p with antithetic u (p > 1 favours small t),
 periodic validation loss on held-out structures, checkpoints (safetensors + JSON) that resume
 bit for bit: weights, EMA, optimiser moments, the data/noise generator and the step.
 """
@@ -34,6 +34,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     t_min: float = 1e-3
+    t_power: float = 1.0  # t = t_min + (t_max - t_min) u^p: p > 1 trains small t (fine detail) more
     seed: int = 0
     val_every: int = 500
     val_batches: int = 4
@@ -73,7 +74,7 @@ class Trainer:
         half = torch.rand((b + 1) // 2, generator=self.gen)
         u = torch.cat([half, 1.0 - half])[:b]  # antithetic
         sched = self.model.schedule
-        return (self.cfg.t_min + u * (sched.t_max - self.cfg.t_min)).float()
+        return (self.cfg.t_min + u ** self.cfg.t_power * (sched.t_max - self.cfg.t_min)).float()
 
     def _loss(self, net, x0, t, eps):
         sched = self.model.schedule
