@@ -9,7 +9,6 @@ run, same seed, same shapes, times each backend of the step op (DIGFAST_BACKEND)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -17,7 +16,7 @@ import time
 import torch
 
 import digfast
-from bench_sampler_step import environment  # noqa: E402  (same folder)
+from common import environment, write_json  # noqa: E402  (bench/ is on sys.path)
 from digfast.ops import _backend
 
 CASES = [("ancestral", 100, 4096), ("dpm++2m", 25, 4096), ("heun", 50, 1024)]
@@ -70,10 +69,7 @@ def main(argv=None):
     for r in rows:
         print(f"{r['device']:6} {r['backend']:9} {r['sampler']:9} {r['steps']:5d} {r['n']:6d} "
               f"{r['median_s']:9.3f} {r['samples_per_s']:10.1f} {r['speedup_vs_reference']:6.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(args.json, env, rows)
 
 
 if __name__ == "__main__":

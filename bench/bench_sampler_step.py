@@ -11,9 +11,6 @@ naming the device, versions, dtype and shapes.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 
@@ -21,6 +18,8 @@ import torch
 
 from digfast.ops import _backend
 from digfast.ops.sampler_step import sampler_step
+
+from common import environment, write_json  # noqa: E402  (bench/ is on sys.path)
 
 SHAPES = [(64, 22, 3), (1024, 13, 3), (256, 256, 3), (16, 2000, 3)]
 # (label, c, masked): an ODE step draws no noise; an SDE step does.
@@ -71,33 +70,6 @@ def time_cuda(fn, warmup, repeat, inner=20):
 def quantiles(times):
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
     return statistics.median(times), q[0], q[-1]
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment():
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "cpu": cpu_name(), "cpu_count": os.cpu_count(), "hostname": platform.node()}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    C = _backend.compiled()
-    env["digfast_C"] = C.build_info() if C is not None else None
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-    return env
 
 
 def run(device, backends, shapes, warmup, repeat, threads):
@@ -163,10 +135,7 @@ def main(argv=None):
     print(f"# {env['cpu']}, {threads} threads; torch {env['torch']}, triton {env['triton']}"
           + (f"; GPU {env['gpu']}" if "gpu" in env else ""))
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(args.json, env, rows)
 
 
 if __name__ == "__main__":

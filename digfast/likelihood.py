@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from digfast.ops.philox import STEP_NONE, STREAM_PROBE, philox_normal
+from digfast.ops.philox import STREAM_PROBE, philox_normal
 from digfast.ops.sampler_step import remove_com
 from digfast.schedules import Schedule
 
