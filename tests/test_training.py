@@ -106,3 +106,16 @@ def test_shipped_models_load_and_sample(name):
     # a trained model lands near the reference energies (an untrained one is off by orders of magnitude)
     e, ref = out.energies(), model.system.energy(model.system.reference_samples(64))
     assert abs(float(e.median() - ref.median())) < 3 * float(ref.std())
+
+
+def test_weighted_batches_follow_the_weights(rng):
+    data = _data(rng, 40)
+    weights = torch.zeros(40)
+    weights[:10] = 1.0
+    trainer = Trainer(_tiny_model(), data, None, _cfg(batch_size=256, augment_rotations=False), weights=weights)
+    x0, _, _ = trainer._batch(trainer.train, trainer.weights)
+    allowed = trainer.train[:10].reshape(10, -1)
+    dist = (x0.reshape(len(x0), 1, -1) - allowed[None]).abs().amax(-1).min(1).values
+    assert dist.max() == 0, "a zero-weight structure was drawn"
+    with pytest.raises(ValueError, match="weights"):
+        Trainer(_tiny_model(), data, None, _cfg(), weights=-torch.ones(40))

@@ -51,13 +51,21 @@ def random_rotations(b: int, dim: int, generator: torch.Generator) -> torch.Tens
 
 class Trainer:
     def __init__(self, model: ScoreModel, train: torch.Tensor, val: torch.Tensor | None, config: TrainConfig,
-                 out_dir: str | Path | None = None):
+                 out_dir: str | Path | None = None, weights: torch.Tensor | None = None):
+        """weights: optional (n,) non-negative per-structure weights of the training set (e.g.
+        reweighting from a biased simulation); batches are then drawn in proportion to them."""
         if train.dim() != 3 or train.shape[1:] != (model.system.n_atoms, model.system.spatial_dim):
             raise ValueError(f"training data must be (n, {model.system.n_atoms}, {model.system.spatial_dim}), "
                              f"got {tuple(train.shape)}")
         for name, data in (("training", train), ("validation", val)):
             if data is not None and not torch.isfinite(data).all():
                 raise ValueError(f"{name} data contain NaN or inf")
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+            if weights.shape != (train.shape[0],) or not torch.isfinite(weights).all() or (weights < 0).any() \
+                    or weights.sum() <= 0:
+                raise ValueError(f"weights must be ({train.shape[0]},), finite, non-negative, not all zero")
+        self.weights = weights
         self.model, self.cfg = model, config
         scale = model.position_scale
         self.train = remove_com(train.float()) / scale
@@ -84,8 +92,11 @@ class Trainer:
         pred = remove_com(net(xt, t, self.model.atom_types, None, self.model.paths))
         return (pred - eps).pow(2).sum((1, 2)).mean() / self.model.system.dof
 
-    def _batch(self, data):
-        idx = torch.randint(0, data.shape[0], (self.cfg.batch_size,), generator=self.gen)
+    def _batch(self, data, weights=None):
+        if weights is None:
+            idx = torch.randint(0, data.shape[0], (self.cfg.batch_size,), generator=self.gen)
+        else:
+            idx = torch.multinomial(weights, self.cfg.batch_size, replacement=True, generator=self.gen)
         x0 = data[idx]
         if self.cfg.augment_rotations:
             x0 = x0 @ random_rotations(x0.shape[0], x0.shape[2], self.gen)
@@ -100,7 +111,7 @@ class Trainer:
 
     def train_step(self) -> float:
         net = self.model.net.train()
-        x0, t, eps = self._batch(self.train)
+        x0, t, eps = self._batch(self.train, self.weights)
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
         loss = self._loss(net, x0, t, eps)
@@ -179,7 +190,7 @@ class Trainer:
         return folder
 
     @classmethod
-    def resume(cls, folder, train, val, out_dir=None) -> "Trainer":
+    def resume(cls, folder, train, val, out_dir=None, weights=None) -> "Trainer":
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -189,7 +200,7 @@ class Trainer:
         tensors = load_file(str(folder / CHECKPOINT_TENSORS))
         model = ScoreModel.from_config(state["model"])
         cfg = TrainConfig(**state["config"])
-        trainer = cls(model, train, val, cfg, out_dir if out_dir is not None else folder)
+        trainer = cls(model, train, val, cfg, out_dir if out_dir is not None else folder, weights)
         model.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         trainer.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         opt_state: dict = {}
