@@ -221,10 +221,13 @@ def load_reference(path=None) -> dict:
     """The shipped reference (numpy arrays; see scripts/alanine_reference.py, --pack).
 
     Keys: ``positions`` (n, 22, 3) float32 Angstrom, centred (zero mean over atoms), equally
-    weighted 300 K samples in time order (a systematic resample of the weighted frames) with their ``phi``, ``psi`` (degrees) and
-    ``energy_kT``; ``all_phi``, ``all_psi``, ``all_log_weight`` for every saved frame of the
-    production run (exact 300 K averages: weights exp(all_log_weight)); ``info``: JSON text
-    of the run settings and convergence check.
+    weighted 300 K samples in time order (a systematic resample of the weighted frames,
+    stratified by basin) with their ``phi``, ``psi`` (degrees), ``energy_kT`` and ``t_ps``;
+    ``all_phi``, ``all_psi``, ``all_log_weight``, ``all_energy_kT`` for every saved frame (5 ps
+    stride) of the biased production run: exact 300 K averages with weights
+    exp(all_log_weight), e.g. ``basin_populations(all_phi, all_psi, np.exp(all_log_weight))``;
+    ``info``: JSON text (``json.loads(str(ref["info"]))``) of the settings, timings and
+    convergence check.
     """
     path = Path(path) if path is not None else REFERENCE_PATH
     if not path.exists():
