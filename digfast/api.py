@@ -15,15 +15,15 @@ from digfast.schedules import LinearVP
 
 log = logging.getLogger("digfast")
 
-BUILTIN_MODELS = {
-    "mixture": lambda: _builtin_mixture(),
-}
 
 
 def _builtin_mixture():
     from digfast.systems import GaussianMixture
 
     return GaussianMixture.default().model(LinearVP())
+
+
+BUILTIN_MODELS = {"mixture": _builtin_mixture}  # analytic models; trained ones live in weights/
 
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
