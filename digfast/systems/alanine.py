@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from digfast.systems.checks import check_structures
+
 DATA = Path(__file__).parent / "data"
 PDB_PATH = DATA / "alanine-dipeptide.pdb"
 PRMTOP_PATH = DATA / "alanine-dipeptide.prmtop"
@@ -319,9 +321,7 @@ class AlanineDipeptide:
         return data[idx]
 
     def _check(self, x):
-        if x.dim() != 3 or tuple(x.shape[1:]) != (self.n_atoms, self.spatial_dim):
-            raise ValueError(f"{self.name}: expected (batch, {self.n_atoms}, {self.spatial_dim}), "
-                             f"got {tuple(x.shape)}")
+        check_structures(self, x)
 
     def _openmm_context(self):
         if self._context is None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from digfast.ops.sampler_step import remove_com
+from digfast.systems.checks import check_structures
 
 
 class GaussianMixture:
@@ -103,9 +104,7 @@ class GaussianMixture:
         return AnalyticScore(self, schedule)
 
     def _check(self, x):
-        if x.dim() != 3 or tuple(x.shape[1:]) != (self.n_atoms, self.spatial_dim):
-            raise ValueError(f"{self.name}: expected (batch, {self.n_atoms}, {self.spatial_dim}), "
-                             f"got {tuple(x.shape)}")
+        check_structures(self, x)
 
 
 class AnalyticScore:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from digfast.systems.checks import check_structures
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -38,9 +40,7 @@ class ParticleSystem:
         return self.spatial_dim * (self.n_atoms - 1)
 
     def _check(self, x: torch.Tensor):
-        if x.dim() != 3 or tuple(x.shape[1:]) != (self.n_atoms, self.spatial_dim):
-            raise ValueError(f"{self.name}: expected (batch, {self.n_atoms}, {self.spatial_dim}), "
-                             f"got {tuple(x.shape)}")
+        check_structures(self, x)
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from digfast.io import load_positions
 from digfast.models import Graphormer3D, Graphormer3DConfig
 from digfast.models.score_model import ScoreModel
 from digfast.schedules import make_schedule
@@ -25,15 +25,11 @@ RECIPES = {
 
 def load_structures(path, system) -> torch.Tensor:
     """(n, N, d) float32 from .npy ((n, N*d) or (n, N, d)) or .npz with `positions`."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such data file: {path}")
-    arr = np.load(path)["positions"] if path.suffix == ".npz" else np.load(path)
-    arr = np.asarray(arr, dtype=np.float32)
-    if arr.size % (system.n_atoms * system.spatial_dim):
-        raise ValueError(f"{path.name}: {arr.shape} does not hold whole {system.name} structures "
+    arr = load_positions(path).to(torch.float32)
+    if arr.numel() % (system.n_atoms * system.spatial_dim):
+        raise ValueError(f"{Path(path).name}: {tuple(arr.shape)} does not hold whole {system.name} structures "
                          f"({system.n_atoms} x {system.spatial_dim})")
-    return torch.from_numpy(arr).reshape(-1, system.n_atoms, system.spatial_dim)
+    return arr.reshape(-1, system.n_atoms, system.spatial_dim)
 
 
 def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | None = None, seed: int = 0,
