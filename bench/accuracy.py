@@ -1,7 +1,8 @@
 """Accuracy of a model against held-out reference data, each statistic beside its noise floor.
 
-    python bench/accuracy.py --system dw4 [--model dw4] [-n 5000] [--sampler ancestral --steps 500]
+    python bench/accuracy.py --system dw4 [--model dw4] [-n 5000] [--runs ancestral:500,dpm++2m:50]
                              [--json out.json] [--markdown]
+    python bench/accuracy.py --all --markdown      # the README table: every shipped model
 
 DW-4 / LJ-13: Wasserstein-1 distance of the energy distribution and of the interatomic-
 distance distribution between model samples and reference set A; the floor is the same
@@ -9,6 +10,12 @@ statistic between two disjoint reference sets A and B of the same size (the ship
 validation split, never used for training). `outliers` counts samples above the highest
 reference energy (broken structures, which dominate an energy W1). Several sampler settings
 can be listed with --runs "ancestral:500,dpm++2m:50".
+
+Alanine dipeptide: Jensen-Shannon divergence of the 36 x 36 phi/psi histogram between model
+samples and the held-out part of the reference run (every reweighted frame after the last
+training structure); floor: the same divergence for n frames drawn by weight from the run's
+training period (an independent reference set of the same size). C5, C7eq and phi >= 0
+populations beside the held-out reference's (targets: |diff| <= 0.03; ratio within 2x).
 """
 from __future__ import annotations
 
@@ -19,23 +26,28 @@ import time
 import torch
 
 import digfast
-from digfast.report import wasserstein1
-from digfast.systems.particles import pair_distances
-
-
-def particle_statistics(system, samples, ref_a, ref_b) -> list[dict]:
-    e = system.energy
-    rows = []
-    for name, f in (("energy W1", lambda x: e(x.double())), ("distance W1", lambda x: pair_distances(x.double()))):
-        rows.append({"statistic": name, "value": wasserstein1(f(samples), f(ref_a)),
-                     "floor": wasserstein1(f(ref_b), f(ref_a))})
-    return rows
+from digfast.accuracy import alanine_statistics, particle_statistics
 
 
 def evaluate(system_name: str, model_name: str, n: int, runs: list[tuple[str, int]], seed: int = 0,
              progress: bool = True) -> list[dict]:
     model = digfast.load(model_name)
     system = model.system
+    if system_name == "alanine-dipeptide":
+        from digfast.systems import alanine as ala
+
+        out = []
+        for sampler, steps in runs:
+            start = time.perf_counter()
+            res = digfast.sample_batch(model, n=n, steps=steps, sampler=sampler, seed=seed, progress=progress)
+            seconds = time.perf_counter() - start
+            broken = int(ala.broken_structures(res.positions).sum())  # a bond off by > 0.5 A
+            for row in alanine_statistics(res.positions, n, seed):
+                row.update(system=system_name, model=model_name, sampler=sampler, steps=steps, samples=n,
+                           seconds=seconds, outliers=broken,
+                           nonfinite=res.metadata["n_nonfinite"])
+                out.append(row)
+        return out
     ref = system.reference_data()
     if 2 * n > len(ref):
         raise ValueError(f"need 2n <= {len(ref)} reference structures for a floor; use -n {len(ref) // 2}")
@@ -56,12 +68,25 @@ def evaluate(system_name: str, model_name: str, n: int, runs: list[tuple[str, in
     return out
 
 
+# samples and sampler runs of the README table, per system
+DEFAULTS = {"dw4": (5000, "ancestral:500,dpm++2m:50"), "lj13": (2000, "ancestral:500,dpm++2m:50"),
+            "alanine-dipeptide": (5000, "ancestral:200,dpm++2m:50")}
+
+
+def _cell(row: dict, *keys) -> str:
+    for key in keys:
+        if key in row:
+            return f"{row[key]:+.4f}" if key == "diff" else f"{row[key]:.4g}"
+    return ""
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--system", required=True, choices=["dw4", "lj13"])
+    ap.add_argument("--system", choices=sorted(DEFAULTS))
+    ap.add_argument("--all", action="store_true", help="every shipped model with its README settings")
     ap.add_argument("--model", default=None, help="model name or folder (default: the shipped one)")
-    ap.add_argument("-n", type=int, default=5000)
-    ap.add_argument("--runs", default="ancestral:500,dpm++2m:50", help="sampler:steps,...")
+    ap.add_argument("-n", type=int, default=None, help="samples (default: the README's per system)")
+    ap.add_argument("--runs", default=None, help="sampler:steps,... (default: the README's per system)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", action="store_true", help="print README table rows")
@@ -69,17 +94,26 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
-    rows = evaluate(args.system, args.model or args.system, args.n, runs, args.seed)
-    print(f"{'system':7} {'sampler':10} {'steps':>5} {'n':>6} {'statistic':12} {'value':>10} {'floor':>8} "
-          f"{'ratio':>8} {'outliers':>8}")
+    if args.all == bool(args.system):
+        ap.error("give --system or --all")
+    rows = []
+    for system in (sorted(DEFAULTS) if args.all else [args.system]):
+        n, runs = DEFAULTS[system]
+        n = args.n or n
+        runs = [(r.split(":")[0], int(r.split(":")[1])) for r in (args.runs or runs).split(",")]
+        rows += evaluate(system, args.model or system, n, runs, args.seed)
+    print(f"{'system':17} {'sampler':10} {'steps':>5} {'n':>6} {'statistic':18} {'value':>10} {'floor/ref':>10} "
+          f"{'ratio/diff':>10} {'outliers':>8}")
     for r in rows:
-        print(f"{r['system']:7} {r['sampler']:10} {r['steps']:5d} {r['samples']:6d} {r['statistic']:12} "
-              f"{r['value']:10.4f} {r['floor']:8.4f} {r['ratio']:8.2f} {r['outliers']:8d}")
+        print(f"{r['system']:17} {r['sampler']:10} {r['steps']:5d} {r['samples']:6d} {r['statistic']:18} "
+              f"{r['value']:10.4f} {_cell(r, 'floor', 'reference'):>10} {_cell(r, 'ratio', 'diff'):>10} "
+              f"{r['outliers']:8d}")
     if args.markdown:
+        print("| system | statistic | value | floor / reference | ratio / diff | outliers | sampler | steps | samples |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
-            print(f"| {r['system']} | {r['statistic']} | {r['value']:.4g} | {r['floor']:.4f} | {r['ratio']:.3g} | "
-                  f"{r['outliers']} | {r['model']} | {r['sampler']} | {r['steps']} | {r['samples']} |")
+            print(f"| {r['system']} | {r['statistic']} | {r['value']:.4g} | {_cell(r, 'floor', 'reference')} | "
+                  f"{_cell(r, 'ratio', 'diff')} | {r['outliers']} | {r['sampler']} | {r['steps']} | {r['samples']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

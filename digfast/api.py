@@ -130,6 +130,9 @@ def sample_batch(model, system=None, n: int = 1000, steps: int | None = None, *,
     if bar:
         bar.close()
     positions = torch.cat(out) * _scale(model)
+    n_inverted = 0
+    if hasattr(system, "canonicalise"):  # e.g. mirror images of a chiral molecule
+        positions, n_inverted = system.canonicalise(positions)
     bad = int((~torch.isfinite(positions)).flatten(1).any(1).sum())
     if bad:  # keep the run: the caller decides what to do with the broken structures
         log.warning("digfast: %d of %d samples contain NaN/inf: the model or step count is unstable", bad, n)
@@ -139,6 +142,7 @@ def sample_batch(model, system=None, n: int = 1000, steps: int | None = None, *,
         "samples_per_second": n / seconds if seconds > 0 else float("inf"),
         "score_evals_per_sample": steps * _samplers.EVALS_PER_STEP[sampler],
         "schedule": model.schedule.config(), "backend": _step_backend(device), "n_nonfinite": bad,
+        "n_inverted": n_inverted,
     }
     return SampleResult(positions=positions, system=system, metadata=meta, mask=mask)
 
@@ -147,7 +151,11 @@ def log_likelihood(model, system=None, positions=None, *, divergence: str = "exa
                    method: str = "rk4", steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
                    seed: int = 0, batch_size="auto", device=None, mask=None, t_min: float | None = None,
                    dtype=torch.float64, prior_log_prob=None) -> _lik.LikelihoodResult:
-    """log p_0 of each structure under the model (probability-flow ODE), and its latent x_T."""
+    """log p_0 of each structure under the model (probability-flow ODE), and its latent x_T.
+
+    For systems whose samples sample_batch canonicalises (chiral molecules: the D mirror
+    images are inverted), this is the density of that canonical ensemble: log 2 added on L
+    structures, -inf on D ones."""
     system = _resolve_system(model, system)
     if positions is None:
         raise ValueError("positions are required")
@@ -175,7 +183,10 @@ def log_likelihood(model, system=None, positions=None, *, divergence: str = "exa
             atol=atol, t_min=t_min, prior_log_prob=prior_log_prob))
     # density in the system's units: p_x(x) = p_y(x / scale) / scale^D
     log_jac = _lik.dof(positions, mask).double() * math.log(scale)
-    return _lik.LikelihoodResult(log_prob=torch.cat([p.log_prob for p in parts]).cpu() - log_jac,
+    log_prob = torch.cat([p.log_prob for p in parts]).cpu() - log_jac
+    if hasattr(system, "canonical_log_density_offset"):
+        log_prob = log_prob + system.canonical_log_density_offset(positions.cpu())
+    return _lik.LikelihoodResult(log_prob=log_prob,
                                  latent=torch.cat([p.latent for p in parts]).cpu(),
                                  prior_log_prob=torch.cat([p.prior_log_prob for p in parts]).cpu(),
                                  n_evals=sum(p.n_evals for p in parts))

@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     s.add_argument("--sampler", default="ancestral", choices=sorted(SAMPLERS))
     s.add_argument("-o", "--output", default=None, help="ensemble file (.xtc/.dcd/.trr/.pdb/.npz)")
-    s.add_argument("--plot", default=None, help="PNG of the energy histogram against the reference")
+    s.add_argument("--plot", default=None, help="PNG against the reference: energy histogram, or the Ramachandran "
+                   "free-energy surface for alanine dipeptide")
     s.add_argument("--json", default=None, help="write the report as JSON here")
 
     lk = sub.add_parser("likelihood", help="log p of structures along the probability-flow ODE")
@@ -46,14 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     lk.add_argument("-o", "--output", default=None, help="write log p per structure (.npy)")
 
     tr = sub.add_parser("train", help="train a score model on structures (denoising score matching)")
-    tr.add_argument("--system", required=True, help="system with a training recipe (dw4, lj13)")
-    tr.add_argument("--data", required=True, help="training structures (.npy/.npz)")
+    tr.add_argument("--system", required=True, help="system with a training recipe (dw4, lj13, alanine-dipeptide)")
+    tr.add_argument("--data", default=None,
+                    help="training structures (.npy/.npz; default: the system's shipped training split)")
     tr.add_argument("--val", default=None, help="validation structures (default: last 5%% of --data)")
     tr.add_argument("--out", required=True, help="folder for the trained model (config.json + safetensors)")
     tr.add_argument("--run-dir", default=None, help="checkpoints (default: OUT/run)")
     tr.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     tr.add_argument("--batch-size", type=int, default=None)
     tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--tsm-sigma", type=float, default=None,
+                    help="learn small-noise scores from the system's forces below this sigma/alpha (0: off)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --run-dir")
     tr.add_argument("--threads", type=int, default=None)
@@ -65,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_sample(args) -> int:
     import digfast
-    from digfast.report import ensemble_report, format_report, plot_energy_histogram
+    from digfast.report import ensemble_report, format_report, plot_ensemble
 
     if args.output:  # fail before the run, not after it
         out = Path(args.output)
@@ -83,7 +87,7 @@ def _cmd_sample(args) -> int:
         for path in result.save(args.output):
             print(f"  wrote              {path}")
     if args.plot:
-        print(f"  wrote              {plot_energy_histogram(result, reference, args.plot)}")
+        print(f"  wrote              {plot_ensemble(result, reference, args.plot)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"report": rep, "metadata": result.metadata}, indent=2, default=str))
         print(f"  wrote              {args.json}")
@@ -115,7 +119,8 @@ def _cmd_train(args) -> int:
 
     out = Path(args.out)
     run_dir = Path(args.run_dir) if args.run_dir else out / "run"
-    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("tsm_sigma", args.tsm_sigma))
+                 if v is not None}
     trainer = build_trainer(args.system, args.data, args.val, run_dir, steps=args.steps, seed=args.seed,
                             resume=args.resume, overrides=overrides)
     folder = train_and_save(trainer, out, progress=not args.quiet)

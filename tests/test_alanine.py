@@ -222,3 +222,98 @@ def test_reference_energies_match_energy_function(openmm_mod):
     e = s.energy(torch.from_numpy(ref["positions"][idx])).numpy()
     # MD energies with HBonds constraints (X-H at r0: no bond energy) = flexible energy
     assert np.abs(e - ref["energy_kT"][idx]).max() < 1e-2
+
+
+def test_chirality_canonicalise_and_broken_bonds(rng):
+    system = ala.AlanineDipeptide()
+    x = system.reference_samples(200, seed=int(torch.randint(0, 1000, (1,), generator=rng)))
+    assert (ala.chirality(x) == 1).all()  # the reference is L-alanine throughout
+    flip = torch.rand(200, generator=rng) < 0.5
+    mixed = torch.where(flip[:, None, None], -x, x)
+    assert torch.equal(ala.chirality(mixed) == -1, flip)
+    fixed, n = system.canonicalise(mixed)
+    assert n == int(flip.sum()) and torch.equal(fixed, x)
+    offset = system.canonical_log_density_offset(mixed)
+    assert torch.all(offset[~flip] == math.log(2.0)) and torch.all(torch.isinf(offset[flip]))
+    assert not ala.broken_structures(x).any()
+    bad = x.clone()
+    bad[3, 8] += torch.tensor([0.8, 0.0, 0.0])  # pull CA away from its neighbours
+    assert ala.broken_structures(bad).tolist() == [i == 3 for i in range(200)]
+
+
+def test_training_split_and_heldout_reference_do_not_overlap():
+    ref = ala.load_reference()
+    train, later = ala.training_split()
+    assert train.shape == (ala.TRAIN_FRAMES, 22, 3) and len(train) + len(later) == len(ref["positions"])
+    held = ala.heldout_reference()
+    first = held["first_frame"]
+    # the last training structure is frame first - 1 of the run; held-out frames come after it
+    assert ref["phi"][ala.TRAIN_FRAMES - 1] == ref["all_phi"][first - 1]
+    assert ref["psi"][ala.TRAIN_FRAMES - 1] == ref["all_psi"][first - 1]
+    assert len(held["phi"]) == len(ref["all_phi"]) - first > 0.15 * len(ref["all_phi"])
+    assert abs(held["weights"].sum() - 1.0) < 1e-9
+    pops = ala.basin_populations(held["phi"], held["psi"], held["weights"])
+    assert 0.004 < pops["phi_pos"] < 0.02 and abs(pops["C5"] - 0.5) < 0.05
+
+
+def test_ramachandran_accuracy_passes_the_reference_and_fails_mirror_images():
+    from digfast.accuracy import alanine_statistics
+
+    _, later = ala.training_split()
+    rows = {r["statistic"]: r for r in alanine_statistics(later, len(later), repeats=5)}
+    assert rows["phi/psi JS"]["ratio"] < 2.0
+    assert abs(rows["C7eq population"]["diff"]) < 0.03 and abs(rows["C5 population"]["diff"]) < 0.03
+    assert 0.5 < rows["phi>=0 population"]["ratio"] < 2.0
+    # D-alanine (what an uncorrected O(3)-equivariant model gives for half its samples) fails
+    mirrored = torch.cat([later[: len(later) // 2], -later[len(later) // 2:]])
+    bad = {r["statistic"]: r for r in alanine_statistics(mirrored, len(mirrored), repeats=5)}
+    assert bad["phi/psi JS"]["ratio"] > 10 and bad["phi>=0 population"]["ratio"] > 10
+
+
+@pytest.fixture(scope="module")
+def tiny_alanine_model():
+    from digfast.models import Graphormer3D, Graphormer3DConfig
+    from digfast.models.score_model import ScoreModel
+    from digfast.schedules import LinearVP
+
+    torch.manual_seed(0)
+    net = Graphormer3D(Graphormer3DConfig(n_atom_types=4, layers=1, width=16, heads=2, ffn=16, gaussians=8,
+                                          max_path=3))
+    return ScoreModel(net, LinearVP(), ala.AlanineDipeptide(), position_scale=2.0, default_steps=4)
+
+
+def test_sampled_alanine_is_l_and_reported(tiny_alanine_model, tmp_path):
+    import digfast
+    from digfast.report import ensemble_report, format_report, plot_ensemble
+
+    out = digfast.sample_batch(tiny_alanine_model, n=24, seed=5, progress=False)
+    assert (ala.chirality(out.positions) == 1).all()
+    assert 0 < out.metadata["n_inverted"] < 24  # an untrained model draws both mirror images
+    rep = ensemble_report(out)
+    text = format_report(rep)
+    assert "C7eq" in text and "phi >= 0" in text and "mirror images" in text
+    assert abs(sum(rep["basins"][b] for b in ala.BASINS) - 1.0) < 1e-9
+    png = plot_ensemble(out, None, tmp_path / "rama.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_likelihood_of_mirror_image_is_zero(tiny_alanine_model):
+    import digfast
+
+    x = ala.AlanineDipeptide().reference_samples(2, seed=3)
+    lik = digfast.log_likelihood(tiny_alanine_model, positions=torch.cat([x, -x]), divergence="hutchinson",
+                                 probes=2, method="euler", steps=3)
+    assert torch.isfinite(lik.log_prob[:2]).all() and torch.isinf(lik.log_prob[2:]).all()
+
+
+def test_report_without_openmm(monkeypatch, tiny_alanine_model):
+    import digfast
+    from digfast.report import ensemble_report, format_report
+
+    def no_openmm(self, x):
+        raise ImportError("AlanineDipeptide.energy/force need OpenMM")
+
+    monkeypatch.setattr(ala.AlanineDipeptide, "energy", no_openmm)
+    out = digfast.sample_batch(tiny_alanine_model, n=4, progress=False)
+    text = format_report(ensemble_report(out, ala.AlanineDipeptide().reference_samples(4)))
+    assert "needs OpenMM" in text and "C5" in text

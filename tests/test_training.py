@@ -113,9 +113,49 @@ def test_weighted_batches_follow_the_weights(rng):
     weights = torch.zeros(40)
     weights[:10] = 1.0
     trainer = Trainer(_tiny_model(), data, None, _cfg(batch_size=256, augment_rotations=False), weights=weights)
-    x0, _, _ = trainer._batch(trainer.train, trainer.weights)
+    x0 = trainer._batch(trainer.train, trainer.weights)[0]
     allowed = trainer.train[:10].reshape(10, -1)
     dist = (x0.reshape(len(x0), 1, -1) - allowed[None]).abs().amax(-1).min(1).values
     assert dist.max() == 0, "a zero-weight structure was drawn"
     with pytest.raises(ValueError, match="weights"):
         Trainer(_tiny_model(), data, None, _cfg(), weights=-torch.ones(40))
+
+
+def _force_target_slope(trainer, t, s, f_sign, rng, n=40_000):
+    """Least-squares slope of the regression target on x_t for x_0 ~ N(0, s^2) (F = -x_0 / s^2)
+    and its standard error; the optimal eps predictor has slope sigma / (alpha^2 s^2 + sigma^2)."""
+    sched = trainer.model.schedule
+    alpha, sigma = (float(v) for v in (sched.alpha(torch.tensor(t)), sched.sigma(torch.tensor(t))))
+    x0 = s * torch.randn(n, 4, 2, generator=rng, dtype=torch.float64)
+    eps = torch.randn(n, 4, 2, generator=rng, dtype=torch.float64)
+    xt = alpha * x0 + sigma * eps
+    target = trainer._target(eps, f_sign * -x0 / s**2, torch.tensor(alpha), torch.tensor(sigma))
+    slope = float((target * xt).sum() / (xt * xt).sum())
+    resid = target - slope * xt
+    se = float(resid.std() / (xt * xt).sum().sqrt())
+    return slope, se, sigma / (alpha**2 * s**2 + sigma**2), float(resid.var()), float((eps - slope * xt).var())
+
+
+def test_force_target_is_unbiased_and_quieter(rng):
+    data = _data(rng)
+    trainer = Trainer(_tiny_model(), data, None, _cfg(tsm_sigma=0.1), forces=torch.randn_like(data))
+    for t in (0.003, 0.05, 0.4):
+        slope, se, want, var_target, var_eps = _force_target_slope(trainer, t, 0.7, 1.0, rng)
+        assert abs(slope - want) < 4 * se, (t, slope, want, se)
+        if t < 0.01:
+            assert var_target < 0.1 * var_eps  # the point of the force target: far less noise
+    # a force of the wrong sign is caught by the same statistic
+    slope, se, want, _, _ = _force_target_slope(trainer, 0.003, 0.7, -1.0, rng)
+    assert abs(slope - want) > 10 * se
+
+
+def test_training_with_forces_runs_and_needs_both(rng):
+    data = _data(rng)
+    forces = DoubleWell4().force(data.double()).float()
+    trainer = Trainer(_tiny_model(), data, data[:16], _cfg(tsm_sigma=0.1), forces=forces)
+    hist = trainer.fit(progress=False)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    with pytest.raises(ValueError, match="needs forces"):
+        Trainer(_tiny_model(), data, None, _cfg(tsm_sigma=0.1))
+    with pytest.raises(ValueError, match="shaped like"):
+        Trainer(_tiny_model(), data, None, _cfg(tsm_sigma=0.1), forces=forces[:5])

@@ -23,6 +23,7 @@ reference, made by ``scripts/alanine_reference.py``).
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -46,6 +47,8 @@ KT_KJ_MOL = 8.31446261815324e-3 * TEMPERATURE_K
 # 6 N, 7 H, 8 CA, 9 HA, 10 CB, 11-13 HB1-3, 14 C, 15 O (Ala); 16 N, 17 H, 18 CH3, 19-21 H (Nme).
 PHI_ATOMS = (4, 6, 8, 14)
 PSI_ATOMS = (6, 8, 14, 16)
+# L-alanine: det[N - CA, C - CA, CB - CA] > 0 (every reference frame; |det| >= 1.7 A^3 there)
+CHIRAL_ATOMS = (6, 8, 14, 10)  # N, CA, C, CB
 
 ELEMENTS = ("H", "C", "N", "O")
 # Element index (into ELEMENTS) of each atom, prmtop order.
@@ -69,6 +72,11 @@ BONDS = ((0, 1), (1, 2), (1, 3), (1, 4), (4, 5), (4, 6), (6, 7), (6, 8), (8, 9),
 # Also reported: "phi_pos" = fraction with phi >= 0 (= C7ax + alphaL + other), the "phi > 0"
 # population of the accuracy report, and "phi_pos_0_120" = C7ax + alphaL.
 BASINS = ("C5", "PII", "C7eq", "alphaR", "C7ax", "alphaL", "other")
+
+# Held-out split of the shipped reference (time order): models train on the first TRAIN_FRAMES
+# equally weighted structures (the first 80% of the 700 ns run); accuracy is measured against
+# every weighted frame saved after the last of them (:func:`heldout_reference`).
+TRAIN_FRAMES = 12_000
 
 
 def _np(a) -> np.ndarray:
@@ -122,6 +130,26 @@ def phi_psi(positions_angstrom, degrees: bool = True):
     if len(shape) < 2 or shape[-2:] != (N_ATOMS, 3):
         raise ValueError(f"expected (..., {N_ATOMS}, 3) positions, got {shape}")
     return dihedral(positions_angstrom, PHI_ATOMS, degrees), dihedral(positions_angstrom, PSI_ATOMS, degrees)
+
+
+def chirality(positions) -> torch.Tensor:
+    """+1 for L-alanine, -1 for its mirror image (D), per structure of (..., 22, 3)."""
+    x = torch.as_tensor(positions).double()
+    n, ca, c, cb = CHIRAL_ATOMS
+    frame = torch.stack([x[..., n, :] - x[..., ca, :], x[..., c, :] - x[..., ca, :], x[..., cb, :] - x[..., ca, :]], -2)
+    return torch.where(torch.linalg.det(frame) >= 0, 1, -1)
+
+
+def broken_structures(positions, tolerance: float = 0.5) -> torch.Tensor:
+    """(n,) bool: some covalent bond is longer or shorter than in the minimised PDB by more than
+    tolerance (Angstrom): chemically broken samples."""
+    import mdtraj
+
+    x = torch.as_tensor(positions).double()
+    ref = torch.from_numpy(mdtraj.load(str(PDB_PATH)).xyz[0].astype(np.float64) * 10.0)
+    i, j = torch.tensor(BONDS).T
+    lengths = (x[..., i, :] - x[..., j, :]).norm(dim=-1)
+    return ((lengths - (ref[i] - ref[j]).norm(dim=-1)).abs() > tolerance).any(-1)
 
 
 def basin_labels(phi, psi) -> np.ndarray:
@@ -239,6 +267,28 @@ def load_reference(path=None) -> dict:
         return {k: z[k] for k in z.files}
 
 
+def training_split(path=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, later) structures (n, 22, 3) Angstrom: the first TRAIN_FRAMES of the shipped
+    reference and the rest (later in time; used for validation loss only)."""
+    pos = torch.from_numpy(load_reference(path)["positions"])
+    return pos[:TRAIN_FRAMES], pos[TRAIN_FRAMES:]
+
+
+def heldout_reference(path=None) -> dict:
+    """phi, psi (degrees) and normalised weights of the run's frames saved after the last
+    training structure: the held-out 300 K reference of the accuracy report."""
+    ref = load_reference(path)
+    cut_ps = float(ref["t_ps"][TRAIN_FRAMES - 1])
+    info = json.loads(str(ref["info"]))
+    # all_* frame k was saved at discard + (k + 1) frame_ps (scripts/alanine_reference.py)
+    t_all = info["discard_ns"] * 1e3 + info["frame_ps"] * np.arange(1, len(ref["all_phi"]) + 1)
+    first = int(np.searchsorted(t_all, cut_ps, side="right"))
+    logw = ref["all_log_weight"][first:].astype(np.float64)
+    w = np.exp(logw - logw.max())
+    return {"phi": ref["all_phi"][first:], "psi": ref["all_psi"][first:], "weights": w / w.sum(),
+            "first_frame": first}
+
+
 def _require_openmm():
     try:
         import openmm  # noqa: F401
@@ -314,6 +364,10 @@ class AlanineDipeptide:
         """Equally weighted 300 K reference structures (n, 22, 3), Angstrom, centred, float32."""
         return torch.from_numpy(load_reference()["positions"])
 
+    def training_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, later) structures of the shipped reference (see :func:`training_split`)."""
+        return training_split()
+
     def reference_samples(self, n: int, seed: int = 0) -> torch.Tensor:
         """n structures drawn without replacement from the reference (fewer if it is smaller)."""
         data = self.reference_data()
@@ -322,6 +376,29 @@ class AlanineDipeptide:
 
     def _check(self, x):
         check_structures(self, x)
+
+    def canonicalise(self, positions: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Invert (x -> -x) the D-alanine structures; returns (positions, number inverted).
+
+        An O(3)-equivariant score model cannot tell mirror images apart, so it samples both
+        with equal probability; the force field is mirror symmetric, so inverting the D copies
+        turns the model's ensemble into the L ensemble exactly (the density doubles on L).
+        """
+        flip = chirality(positions) < 0
+        out = positions.clone()
+        out[flip] = -out[flip]
+        return out, int(flip.sum())
+
+    def canonical_log_density_offset(self, positions: torch.Tensor) -> torch.Tensor:
+        """log density of the canonicalised ensemble minus the model's: log 2 on L, -inf on D."""
+        return torch.where(chirality(positions) > 0, math.log(2.0), -math.inf)
+
+    def summary(self, positions: torch.Tensor) -> dict:
+        """phi/psi basin populations of the structures beside the held-out reference's."""
+        phi, psi = phi_psi(positions.double().numpy())
+        ref = heldout_reference()
+        return {"basins": basin_populations(phi, psi),
+                "reference_basins": basin_populations(ref["phi"], ref["psi"], ref["weights"])}
 
     def _openmm_context(self):
         if self._context is None:

@@ -6,6 +6,14 @@
 gradient-norm clipping, t = t_min + (t_max - t_min) u^p with antithetic u (p > 1 favours small t),
 periodic validation loss on held-out structures, checkpoints (safetensors + JSON) that resume
 bit for bit: weights, EMA, optimiser moments, the data/noise generator and the step.
+
+Forces (target score matching): where the training structures come with their Boltzmann
+forces F = -grad U / kT (an MD/MCMC set with a known energy), the score of p_t also equals
+E[grad log p_0(x_0) | x_t] / alpha_t, so eps_F = -(sigma_t / alpha_t) F(x_0) (normalised
+units) is a second unbiased regression target for eps_theta. At small t it is nearly
+deterministic, where eps is pure noise with the signal O(sigma) beneath it; the loss uses
+w eps_F + (1 - w) eps with w = 1 / (1 + (sigma_t / (alpha_t tsm_sigma))^2): still unbiased at
+every t, and the fine structure that decides energies is learnt from forces, not from noise.
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ class TrainConfig:
     val_batches: int = 4
     checkpoint_every: int = 1000
     augment_rotations: bool = True
+    tsm_sigma: float = 0.0  # > 0 (with forces): noise level sigma/alpha below which forces set the target
     extra: dict = field(default_factory=dict)
 
 
@@ -51,9 +60,12 @@ def random_rotations(b: int, dim: int, generator: torch.Generator) -> torch.Tens
 
 class Trainer:
     def __init__(self, model: ScoreModel, train: torch.Tensor, val: torch.Tensor | None, config: TrainConfig,
-                 out_dir: str | Path | None = None, weights: torch.Tensor | None = None):
+                 out_dir: str | Path | None = None, weights: torch.Tensor | None = None,
+                 forces: torch.Tensor | None = None):
         """weights: optional (n,) non-negative per-structure weights of the training set (e.g.
-        reweighting from a biased simulation); batches are then drawn in proportion to them."""
+        reweighting from a biased simulation); batches are then drawn in proportion to them.
+        forces: optional (n, N, d) -grad U / kT of the training structures in the system's
+        units; used when config.tsm_sigma > 0 (see the module docstring)."""
         if train.dim() != 3 or train.shape[1:] != (model.system.n_atoms, model.system.spatial_dim):
             raise ValueError(f"training data must be (n, {model.system.n_atoms}, {model.system.spatial_dim}), "
                              f"got {tuple(train.shape)}")
@@ -65,9 +77,15 @@ class Trainer:
             if weights.shape != (train.shape[0],) or not torch.isfinite(weights).all() or (weights < 0).any() \
                     or weights.sum() <= 0:
                 raise ValueError(f"weights must be ({train.shape[0]},), finite, non-negative, not all zero")
+        if (forces is None) != (config.tsm_sigma <= 0):
+            raise ValueError("tsm_sigma > 0 needs forces, and forces need tsm_sigma > 0")
+        if forces is not None and (forces.shape != train.shape or not torch.isfinite(forces).all()):
+            raise ValueError(f"forces must be finite and shaped like the training data {tuple(train.shape)}")
         self.weights = weights
         self.model, self.cfg = model, config
         scale = model.position_scale
+        # grad in x / scale = scale * grad in x
+        self.forces = None if forces is None else remove_com(forces.float()) * scale
         self.train = remove_com(train.float()) / scale
         self.val = None if val is None else remove_com(val.float()) / scale
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -84,24 +102,34 @@ class Trainer:
         sched = self.model.schedule
         return (self.cfg.t_min + u ** self.cfg.t_power * (sched.t_max - self.cfg.t_min)).float()
 
-    def _loss(self, net, x0, t, eps):
+    def _target(self, eps, f0, alpha, sigma):
+        if f0 is None:
+            return eps
+        noise = sigma / alpha
+        w = 1.0 / (1.0 + (noise / self.cfg.tsm_sigma) ** 2)
+        return w * (-noise * f0) + (1.0 - w) * eps
+
+    def _loss(self, net, x0, t, eps, f0=None):
         sched = self.model.schedule
         tt = t.double()
         alpha, sigma = sched.alpha(tt).float()[:, None, None], sched.sigma(tt).float()[:, None, None]
         xt = alpha * x0 + sigma * eps
         pred = remove_com(net(xt, t, self.model.atom_types, None, self.model.paths))
-        return (pred - eps).pow(2).sum((1, 2)).mean() / self.model.system.dof
+        return (pred - self._target(eps, f0, alpha, sigma)).pow(2).sum((1, 2)).mean() / self.model.system.dof
 
-    def _batch(self, data, weights=None):
+    def _batch(self, data, weights=None, forces=None):
         if weights is None:
             idx = torch.randint(0, data.shape[0], (self.cfg.batch_size,), generator=self.gen)
         else:
             idx = torch.multinomial(weights, self.cfg.batch_size, replacement=True, generator=self.gen)
         x0 = data[idx]
+        f0 = None if forces is None else forces[idx]
         if self.cfg.augment_rotations:
-            x0 = x0 @ random_rotations(x0.shape[0], x0.shape[2], self.gen)
+            rot = random_rotations(x0.shape[0], x0.shape[2], self.gen)
+            x0 = x0 @ rot
+            f0 = None if f0 is None else f0 @ rot  # forces rotate with the structure
         eps = remove_com(torch.randn(x0.shape, generator=self.gen))
-        return x0, self._times(x0.shape[0]), eps
+        return x0, self._times(x0.shape[0]), eps, f0
 
     def _lr(self):
         if self.step < self.cfg.warmup:
@@ -111,10 +139,10 @@ class Trainer:
 
     def train_step(self) -> float:
         net = self.model.net.train()
-        x0, t, eps = self._batch(self.train, self.weights)
+        x0, t, eps, f0 = self._batch(self.train, self.weights, self.forces)
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
-        loss = self._loss(net, x0, t, eps)
+        loss = self._loss(net, x0, t, eps, f0)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
@@ -127,7 +155,8 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float:
-        """EMA loss on fixed validation batches (own generator: training stays reproducible)."""
+        """EMA loss (plain DSM target) on fixed validation batches (own generator: training stays
+        reproducible)."""
         if self.val is None:
             return float("nan")
         g = torch.Generator().manual_seed(self.cfg.seed + 1)
@@ -190,7 +219,7 @@ class Trainer:
         return folder
 
     @classmethod
-    def resume(cls, folder, train, val, out_dir=None, weights=None) -> "Trainer":
+    def resume(cls, folder, train, val, out_dir=None, weights=None, forces=None) -> "Trainer":
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -200,7 +229,7 @@ class Trainer:
         tensors = load_file(str(folder / CHECKPOINT_TENSORS))
         model = ScoreModel.from_config(state["model"])
         cfg = TrainConfig(**state["config"])
-        trainer = cls(model, train, val, cfg, out_dir if out_dir is not None else folder, weights)
+        trainer = cls(model, train, val, cfg, out_dir if out_dir is not None else folder, weights, forces)
         model.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         trainer.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         opt_state: dict = {}

@@ -20,6 +20,11 @@ RECIPES = {
     "lj13": dict(network=dict(layers=4, width=64, heads=4, ffn=128, gaussians=32),
                  schedule={"name": "linear"}, default_steps=500,
                  train=dict(steps=20_000, batch_size=128, lr=1e-3, warmup=500, ema_decay=0.999)),
+    # element types + bond-graph path bias; trained on the shipped reference's training split
+    "alanine-dipeptide": dict(network=dict(layers=5, width=96, heads=8, ffn=192, gaussians=32, max_path=3),
+                              schedule={"name": "linear"}, default_steps=200,
+                              train=dict(steps=16_000, batch_size=128, lr=1e-3, warmup=500, ema_decay=0.999,
+                                         t_power=1.5)),
 }
 
 
@@ -32,27 +37,46 @@ def load_structures(path, system) -> torch.Tensor:
     return arr.reshape(-1, system.n_atoms, system.spatial_dim)
 
 
+def training_forces(system, structures: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """-grad U / kT of every training structure, from the system's force function."""
+    if not hasattr(system, "force"):
+        raise ValueError(f"{system.name} has no force function: train without tsm_sigma")
+    return torch.cat([system.force(part.double()).float() for part in structures.split(chunk)])
+
+
+def _datasets(system, data, val):
+    """(train, val, source name): files if given, else the system's shipped training split;
+    without a validation file, the last 5% of the training file."""
+    if data is None:
+        if not hasattr(system, "training_split"):
+            raise ValueError(f"{system.name} ships no training data: pass --data")
+        train, shipped_val = system.training_split()
+        val = shipped_val if val is None else load_structures(val, system)
+        return train, val, f"{system.name} shipped training split"
+    train = load_structures(data, system)
+    if val is not None:
+        return train, load_structures(val, system), Path(data).name
+    cut = int(0.95 * len(train))
+    return train[:cut], train[cut:], Path(data).name
+
+
 def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | None = None, seed: int = 0,
                   resume: bool = False, overrides: dict | None = None) -> Trainer:
-    """A Trainer for a recipe; val defaults to the last 5% of data; resume reads run_dir."""
+    """A Trainer for a recipe (data None: the system's shipped training split); resume reads run_dir."""
     if system_name not in RECIPES:
         raise ValueError(f"no training recipe for {system_name!r}; known: {sorted(RECIPES)}")
     recipe, system = RECIPES[system_name], get_system(system_name)
-    train = load_structures(data, system)
-    if val is not None:
-        val = load_structures(val, system)
-    else:
-        cut = int(0.95 * len(train))
-        train, val = train[:cut], train[cut:]
+    train, val, source = _datasets(system, data, val)
+    settings = {**recipe["train"], **(overrides or {}), **({"steps": steps} if steps else {})}
+    forces = training_forces(system, train) if settings.get("tsm_sigma", 0) > 0 else None
     if resume:
-        return Trainer.resume(run_dir, train, val)
+        return Trainer.resume(run_dir, train, val, forces=forces)
     torch.manual_seed(seed)
     net = Graphormer3D(Graphormer3DConfig(n_atom_types=int(system.atom_types.max()) + 1, **recipe["network"]))
     centred = train - train.mean(1, keepdim=True)
     model = ScoreModel(net, make_schedule(recipe["schedule"]), system, position_scale=float(centred.std()),
-                       default_steps=recipe["default_steps"], info={"data": Path(data).name, "n_train": len(train)})
-    settings = {**recipe["train"], **(overrides or {}), **({"steps": steps} if steps else {})}
-    return Trainer(model, train, val, TrainConfig(seed=seed, **settings), out_dir=run_dir)
+                       default_steps=recipe["default_steps"], info={"data": source, "n_train": len(train)})
+    return Trainer(model, train, val, TrainConfig(seed=seed, **settings), out_dir=run_dir, forces=forces)
 
 
 def train_and_save(trainer: Trainer, out: str | Path, progress: bool = True) -> Path:

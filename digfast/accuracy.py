@@ -1,0 +1,58 @@
+"""Accuracy statistics of sampled ensembles against held-out reference data, each beside its
+noise floor (the same statistic for an independent reference set of the same size).
+
+DW-4 / LJ-13: Wasserstein-1 distance of the energy and of the interatomic-distance
+distributions. Alanine dipeptide: Jensen-Shannon divergence of the 36 x 36 phi/psi histogram
+against the held-out part of the reference run (every reweighted frame after the last
+training structure); floor: n frames drawn by weight from the run's training period against
+the same held-out histogram. Basin populations beside the held-out reference's.
+bench/accuracy.py runs the shipped models through these.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from digfast.report import wasserstein1
+from digfast.systems import alanine as ala
+from digfast.systems.particles import pair_distances
+
+
+def particle_statistics(system, samples, ref_a, ref_b) -> list[dict]:
+    """Energy and interatomic-distance W1 of samples against reference set A; floor: set B."""
+    e = system.energy
+    rows = []
+    for name, f in (("energy W1", lambda x: e(x.double())), ("distance W1", lambda x: pair_distances(x.double()))):
+        rows.append({"statistic": name, "value": wasserstein1(f(samples), f(ref_a)),
+                     "floor": wasserstein1(f(ref_b), f(ref_a))})
+    return rows
+
+
+def alanine_statistics(samples, n: int, seed: int = 0, repeats: int = 20) -> list[dict]:
+    """phi/psi JS divergence against the held-out reference with its floor, and the C5, C7eq,
+    phi >= 0 populations beside the held-out reference's."""
+    held = ala.heldout_reference()
+    ref = ala.load_reference()
+    target = ala.ramachandran_histogram(held["phi"], held["psi"], held["weights"])
+    phi, psi = ala.phi_psi(samples.double().numpy())
+    # floor: n frames of the training period, drawn by weight, against the held-out histogram
+    early = slice(0, held["first_frame"])
+    logw = ref["all_log_weight"][early].astype(np.float64)
+    w = np.exp(logw - logw.max())
+    w /= w.sum()
+    rng = np.random.default_rng(seed)
+    floors = []
+    for _ in range(repeats):
+        idx = rng.choice(len(w), size=n, p=w)
+        floors.append(ala.js_divergence(ala.ramachandran_histogram(ref["all_phi"][early][idx],
+                                                                   ref["all_psi"][early][idx]), target))
+    js = ala.js_divergence(ala.ramachandran_histogram(phi, psi), target)
+    rows = [{"statistic": "phi/psi JS", "value": js, "floor": float(np.mean(floors)),
+             "ratio": js / float(np.mean(floors))}]
+    model_pops = ala.basin_populations(phi, psi)
+    ref_pops = ala.basin_populations(held["phi"], held["psi"], held["weights"])
+    for name in ("C5", "C7eq"):
+        rows.append({"statistic": f"{name} population", "value": model_pops[name], "reference": ref_pops[name],
+                     "diff": model_pops[name] - ref_pops[name]})
+    rows.append({"statistic": "phi>=0 population", "value": model_pops["phi_pos"], "reference": ref_pops["phi_pos"],
+                 "ratio": model_pops["phi_pos"] / ref_pops["phi_pos"]})
+    return rows
