@@ -136,20 +136,28 @@ def ode_heun(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps: int,
 
 def dpm_solver_2m(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps: int,
                   ctx: StepContext, t_min: float | None = None, **_) -> torch.Tensor:
-    """DPM-Solver++(2M) with data prediction D = (x + sigma^2 s) / alpha, steps uniform in log-SNR.
+    """DPM-Solver++(2M) with data prediction D = (x + sigma^2 s) / alpha, uniform in log-SNR.
 
-    x_i = (sigma_i / sigma_{i-1}) x_{i-1} + alpha_i (1 - e^{-h_i}) D', D' the second-order
-    extrapolation of the last two D's; first order on the first step (and the last, when
-    steps < 15, which keeps few-step runs stable).
+    steps - 1 updates x_i = (sigma_i / sigma_{i-1}) x_{i-1} + alpha_i (1 - e^{-h_i}) D' from
+    t_max to t_min, D' the second-order extrapolation of the last two D's (first order on the
+    first update, and on the last one when steps < 15, which keeps few-step runs stable); the
+    last of the `steps` score calls returns D at t_min: the step to sigma = 0, which removes
+    the noise sigma(t_min) that would otherwise stay in every sample.
     """
-    ts = time_grid(schedule, steps, default_t_min(schedule) if t_min is None else t_min, "logsnr")
+    ts = time_grid(schedule, max(steps - 1, 1), default_t_min(schedule) if t_min is None else t_min, "logsnr")
+    if steps == 1:
+        ts = ts[:1]  # one call: denoise the prior draw
     alpha, sigma, lam = schedule.alpha(ts), schedule.sigma(ts), schedule.log_snr(ts)
     prev_d, prev_h = None, None
-    for k in range(steps):
+    for k in range(len(ts)):
         s = score_fn(x, _times(ts[k], x), ctx.mask)
         d = (x + float(sigma[k] ** 2) * s) / float(alpha[k])
+        if k == len(ts) - 1:
+            x = ctx.step(x, d, 0.0, 1.0, 0.0, 1)
+            ctx.tick()
+            break
         h = float(lam[k + 1] - lam[k])
-        last_first_order = k == steps - 1 and steps < 15
+        last_first_order = k == len(ts) - 2 and steps < 15
         if prev_d is None or last_first_order:
             direction = d
         else:

@@ -338,6 +338,9 @@ class AlanineDipeptide:
         self._topology = None
         self._context = None
 
+    def __getstate__(self):  # copies and pickles rebuild the OpenMM context lazily
+        return {**self.__dict__, "_context": None}
+
     @classmethod
     def default(cls) -> "AlanineDipeptide":
         return cls()
