@@ -13,7 +13,8 @@ log = logging.getLogger("digfast")
 def energy_stats(energies: torch.Tensor) -> dict:
     e = energies.double()
     e = e[torch.isfinite(e)]
-    return {"mean": float(e.mean()), "std": float(e.std()), "min": float(e.min()), "max": float(e.max())}
+    return {"mean": float(e.mean()), "median": float(e.median()), "std": float(e.std()), "min": float(e.min()),
+            "max": float(e.max())}
 
 
 def wasserstein1(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,12 +59,13 @@ def format_report(rep: dict) -> str:
              f"  speed              {rep['samples_per_second']:.1f} samples/s"]
     if "energy" in rep:
         e = rep["energy"]
-        lines.append(f"  energy (kT)        mean {e['mean']:.3f}  std {e['std']:.3f}")
+        lines.append(f"  energy (kT)        mean {e['mean']:.3f}  median {e['median']:.3f}  std {e['std']:.3f}")
     else:
         lines.append("  energy             not computed (the system's energy needs OpenMM: pip install openmm)")
     if "reference_energy" in rep:
         r = rep["reference_energy"]
-        lines.append(f"  reference energy   mean {r['mean']:.3f}  std {r['std']:.3f}  (W1 {rep['energy_w1']:.3f})")
+        lines.append(f"  reference energy   mean {r['mean']:.3f}  median {r['median']:.3f}  std {r['std']:.3f}  "
+                     f"(W1 {rep['energy_w1']:.3f})")
     if "mode_weights" in rep:
         fmt = lambda ws: " ".join(f"{w:.3f}" for w in ws)  # noqa: E731
         lines.append(f"  mode weights       {fmt(rep['mode_weights'])}  (true {fmt(rep['true_weights'])})")
