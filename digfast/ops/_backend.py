@@ -22,6 +22,7 @@ _REGISTRY: dict[str, dict[str, str]] = {
         "cuda": "digfast.ops._compiled:sampler_step_cuda",
         "triton": "digfast.kernels.sampler_step:sampler_step_triton",
     },
+    "spatial_bias": {"triton": "digfast.kernels.spatial_bias:spatial_bias_triton"},
 }
 
 

@@ -6,6 +6,9 @@ For atoms i, j with types a_i, a_j at distance d_ij:
     bias_ij = MLP(phi_ij)  in R^H                                    (K -> K -> H, GELU)
 Returned as (B, H, N, N) attention bias plus the per-atom sum of phi over real neighbours,
 (B, N, K), which the model turns into node features.
+
+spatial_bias() dispatches between this reference (the CPU default and the test oracle) and
+the fused Triton kernel (kernels/spatial_bias.py) on a GPU.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from digfast.ops import _backend
 
 
 def gaussian_basis(y: torch.Tensor, means: torch.Tensor, stds: torch.Tensor) -> torch.Tensor:
@@ -32,3 +37,28 @@ def spatial_bias_reference(x, pair_type, mul, add, means, stds, w1, b1, w2, b2, 
     if mask is not None:
         phi = phi * (mask[:, None, :, None] & mask[:, :, None, None]).to(phi.dtype)
     return bias.contiguous(), phi.sum(dim=2)
+
+
+def spatial_bias_rows_reference(x, rows: slice, pair_type, mul, add, means, stds, w1, b1, w2, b2,
+                                mask=None):
+    """spatial_bias_reference restricted to the query atoms `rows`: bias (B, H, r, N) and
+    node_features (B, r, K) of those rows, the same operations on a (B, r, N, K) slab. The
+    Triton backend's backward differentiates this chunk by chunk to bound memory."""
+    dist = torch.cdist(x[:, rows], x)
+    types = pair_type[:, rows]
+    y = mul[types] * dist + add[types]
+    phi = gaussian_basis(y, means, stds)  # (B, r, N, K)
+    bias = F.linear(F.gelu(F.linear(phi, w1, b1)), w2, b2).permute(0, 3, 1, 2)
+    if mask is not None:
+        phi = phi * (mask[:, None, :, None] & mask[:, rows, None, None]).to(phi.dtype)
+    return bias.contiguous(), phi.sum(dim=2)
+
+
+def spatial_bias(x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask=None, *, backend=None):
+    """bias (B, H, N, N), node_features (B, N, K); backend None picks the fastest available
+    for x's device (the Triton kernel on a GPU, else the reference; DIGFAST_BACKEND overrides)."""
+    name = backend or _backend.choose("spatial_bias", x.device)
+    if name == "reference":
+        return spatial_bias_reference(x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask)
+    return _backend.impl("spatial_bias", name)(x, pair_type, mul, add, means, stds, w1, b1, w2, b2,
+                                               mask)
