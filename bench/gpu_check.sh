@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (device tool): build digfast._C with CUDA in the checkout, check
-# the CUDA and Triton paths against the torch reference, time the step op and the sampler.
+# the CUDA and Triton paths against the torch reference, time the step op, the sampler and
+# the spatial-bias kernel.
 # Writes JSON and logs under $OUT (default ./gpu_out) and prints short tables.
 #   run: bash bench/gpu_check.sh        (needs torch with CUDA, triton, pybind11, cmake, nvcc)
 set -euo pipefail
@@ -21,6 +22,7 @@ export PYTHONPATH=$PWD
 python -c "import digfast._C as C, json; print(json.dumps(C.build_info()))" | tee "$OUT/build_info.json"
 
 python -m pytest -q -p no:cacheprovider tests/test_sampler_step.py tests/test_philox.py \
-  tests/test_samplers.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+  tests/test_samplers.py tests/test_spatial_bias_kernel.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
 python bench/bench_sampler_step.py --json "$OUT/bench_sampler_step.json" | tee "$OUT/bench_sampler_step.txt"
 python bench/bench_sampler.py --json "$OUT/bench_sampler.json" | tee "$OUT/bench_sampler.txt"
+python bench/bench_spatial_bias.py --out "$OUT" --backward | tee "$OUT/bench_spatial_bias.txt"
