@@ -23,6 +23,7 @@ _REGISTRY: dict[str, dict[str, str]] = {
         "triton": "digfast.kernels.sampler_step:sampler_step_triton",
     },
     "spatial_bias": {"triton": "digfast.kernels.spatial_bias:spatial_bias_triton"},
+    "pair_bias_attention": {"triton": "digfast.kernels.pair_bias_attention:pair_bias_attention_triton"},
 }
 
 

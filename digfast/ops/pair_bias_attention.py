@@ -1,0 +1,48 @@
+"""Attention with an additive per-head pair bias and key padding, pure-torch reference.
+
+For a batch element b and head h, with q, k, v (N, dh), bias (N, N) and keys j kept by the
+padding mask,
+    s_ij = q_i . k_j / sqrt(dh) + bias_ij          (-inf for a padded key j)
+    out_i = sum_j softmax_j(s_ij) v_j
+A query row with no key left (every key padded, or every logit -inf) returns zeros, not the
+NaN of a 0/0 softmax. This is Graphormer-3D's F.scaled_dot_product_attention(q, k, v,
+attn_mask=bias) with the padding given as a mask instead of -inf in the bias.
+
+pair_bias_attention() dispatches between this reference (the CPU default and the test
+oracle) and the flash-style Triton kernel (kernels/pair_bias_attention.py) on a GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from digfast.ops import _backend
+
+
+def pair_bias_attention_reference(q, k, v, bias=None, key_mask=None):
+    """q, k, v (B, H, N, dh); bias (B, H, N, N) additive logits or None; key_mask (B, N) bool,
+    False = padded key. Returns (B, H, N, dh). Materialises the (B, H, N, N) logits."""
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    # A softmax that gives 0 (not NaN) on rows without a finite logit: shift by the row max
+    # (detached: the softmax does not depend on the shift), or by 0 when the max is -inf.
+    top = logits.detach().amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    p = torch.exp(logits - top)
+    total = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(total > 0, total, torch.ones_like(total))
+    return p.to(v.dtype) @ v
+
+
+def pair_bias_attention(q, k, v, bias=None, key_mask=None, *, backend=None):
+    """softmax(q k^T / sqrt(dh) + bias) v over unpadded keys, (B, H, N, dh); backend None picks
+    the fastest available for q's device (the Triton kernel on a GPU, else the reference;
+    DIGFAST_BACKEND overrides)."""
+    name = backend or _backend.choose("pair_bias_attention", q.device)
+    if name == "reference":
+        return pair_bias_attention_reference(q, k, v, bias, key_mask)
+    return _backend.impl("pair_bias_attention", name)(q, k, v, bias, key_mask)
