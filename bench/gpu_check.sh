@@ -22,7 +22,8 @@ export PYTHONPATH=$PWD
 python -c "import digfast._C as C, json; print(json.dumps(C.build_info()))" | tee "$OUT/build_info.json"
 
 python -m pytest -q -p no:cacheprovider tests/test_sampler_step.py tests/test_philox.py \
-  tests/test_samplers.py tests/test_spatial_bias_kernel.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+  tests/test_samplers.py tests/test_spatial_bias_kernel.py tests/test_pair_bias_attention_kernel.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
 python bench/bench_sampler_step.py --json "$OUT/bench_sampler_step.json" | tee "$OUT/bench_sampler_step.txt"
 python bench/bench_sampler.py --json "$OUT/bench_sampler.json" | tee "$OUT/bench_sampler.txt"
 python bench/bench_spatial_bias.py --out "$OUT" --backward | tee "$OUT/bench_spatial_bias.txt"
+python bench/bench_pair_bias_attention.py --out "$OUT" | tee "$OUT/bench_pair_bias_attention.txt"
