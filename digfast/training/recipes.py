@@ -16,7 +16,7 @@ from digfast.training.dsm import TrainConfig, Trainer
 RECIPES = {
     "dw4": dict(network=dict(layers=3, width=64, heads=4, ffn=128, gaussians=32),
                 schedule={"name": "linear"}, default_steps=500,
-                train=dict(steps=15_000, batch_size=512, lr=1e-3, warmup=500, ema_decay=0.999, t_power=2.0,
+                train=dict(steps=30_000, batch_size=512, lr=1e-3, warmup=500, ema_decay=0.9995, t_power=2.0,
                            tsm_sigma=0.1)),
     "lj13": dict(network=dict(layers=4, width=64, heads=4, ffn=128, gaussians=32),
                  schedule={"name": "linear"}, default_steps=500,
