@@ -114,15 +114,17 @@ def test_shipped_models_load_and_sample(name):
     if not (WEIGHTS_DIR / name / "config.json").exists():
         pytest.skip(f"no shipped weights for {name} in this checkout")
     model = digfast.load(name)
-    out = digfast.sample_batch(model, n=64, steps=20, sampler="dpm++2m", progress=False)
-    assert out.metadata["n_nonfinite"] == 0
     if name == "alanine-dipeptide":  # energies need OpenMM; bonds and basins do not
         from digfast.systems import alanine as ala
 
+        out = digfast.sample_batch(model, n=64, steps=100, progress=False)
+        assert out.metadata["n_nonfinite"] == 0
         assert ala.broken_structures(out.positions).float().mean() < 0.05
         phi, _ = ala.phi_psi(out.positions.double().numpy())
         assert (phi < 0).mean() > 0.9
         return
+    out = digfast.sample_batch(model, n=64, steps=20, sampler="dpm++2m", progress=False)
+    assert out.metadata["n_nonfinite"] == 0
     # a trained model lands near the reference energies (an untrained one is off by orders of magnitude)
     e, ref = out.energies(), model.system.energy(model.system.reference_samples(64))
     assert abs(float(e.median() - ref.median())) < 3 * float(ref.std())
