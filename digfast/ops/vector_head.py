@@ -6,7 +6,11 @@ j = i left out). Rotating r rotates u and so the output; translations do not tou
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+from digfast.ops import _backend
 
 
 def unit_vectors(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -21,3 +25,53 @@ def vector_head_reference(attn: torch.Tensor, x: torch.Tensor, v: torch.Tensor, 
     # (B, H, N_i, d, F) = sum_j attn[b,h,i,j] u[b,i,j,c] v[b,h,j,f]
     agg = torch.einsum("bhij,bijc,bhjf->bihcf", attn, u, v)
     return torch.einsum("bihcf,hf->bic", agg, weight.reshape(v.shape[1], v.shape[3]))
+
+
+# ---- the head with the value weights folded in -------------------------------------------
+# sum_f W[h,f] v_hjf does not depend on i, so it can be taken before the attention sum:
+#     out_i^c = sum_h sum_j a_hij u_ij^c vw_hj,   vw_hj = sum_f W[h,f] v_hjf.
+# With a scalar value per (head, atom) the whole head is one pass over the logits that keeps
+# a d-vector per query row: the Triton kernel (kernels/vector_head.py) fuses the softmax into it.
+
+def fused_vector_head_rows_reference(q, k, bias, x_query, x, vw, key_mask=None, eps: float = 1e-6):
+    """The fused head for a block of query rows: q (B, H, M, dh) and x_query (B, M, d) of the
+    M query atoms, k (B, H, N, dh), x (B, N, d) and vw (B, H, N) of all atoms, bias (B, H, M, N)
+    or None, key_mask (B, N) bool (False = padded key) or None. Returns (B, M, d).
+    A query atom that is also a key atom must have the very same coordinates in x_query and x
+    (a slice of x), so that its own u_ii is exactly 0. Rows without any key give 0."""
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    # softmax that gives 0 (not NaN) on rows without a finite logit (as pair_bias_attention)
+    top = logits.detach().amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    p = torch.exp(logits - top)
+    total = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(total > 0, total, torch.ones_like(total))
+    delta = x.unsqueeze(1) - x_query.unsqueeze(2)                     # (B, M, N, d)
+    r = delta.norm(dim=-1, keepdim=True)
+    # u_ii = 0 as in unit_vectors, but with no gradient through it: delta_ii = x_i - x_i is 0
+    # identically, yet autograd would send +-g/eps (eps = 1e-6) to x_i along two paths that
+    # cancel only up to rounding, i.e. float32 noise of order 1e6 * 2^-24 in dL/dx.
+    u = torch.where(r == 0, torch.zeros_like(delta), delta / (r + eps))
+    return torch.einsum("bhij,bijc,bhj->bic", p, u, vw)
+
+
+def fused_vector_head_reference(q, k, bias, x, vw, key_mask=None):
+    """sum_h sum_j softmax_j(q_i.k_j / sqrt(dh) + bias_hij) u_ij vw_hj, (B, N, d).
+    q, k (B, H, N, dh); bias (B, H, N, N) or None; x (B, N, d); vw (B, H, N); key_mask (B, N)
+    bool or None. Equals vector_head_reference(softmax(...), x, v, W) with
+    vw = einsum("bhjf,hf->bhj", v, W). Materialises the (B, H, N, N) logits."""
+    return fused_vector_head_rows_reference(q, k, bias, x, x, vw, key_mask)
+
+
+def fused_vector_head(q, k, bias, x, vw, key_mask=None, *, backend=None):
+    """The fused head (see fused_vector_head_reference); backend None picks the fastest
+    available for q's device (the Triton kernel on a GPU, else the reference;
+    DIGFAST_BACKEND overrides)."""
+    name = backend or _backend.choose("fused_vector_head", q.device)
+    if name == "reference":
+        return fused_vector_head_reference(q, k, bias, x, vw, key_mask)
+    return _backend.impl("fused_vector_head", name)(q, k, bias, x, vw, key_mask)
