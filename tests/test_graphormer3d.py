@@ -99,3 +99,20 @@ def test_bond_paths_bias_attention(rng):
     assert (a - b).abs().max() > 1e-4
     with pytest.raises(ValueError, match="paths"):
         net(x, t, types)
+
+
+def test_float32_input_jacobian_matches_float64(rng):
+    """d eps / d x in float32 agrees with float64 (the likelihood's divergence needs it): no
+    cancellation noise from the zero-length diagonal of the vector head."""
+    net = _net()
+    x, t, types = _inputs(rng, 2, 9, 3)
+    probe = torch.randn(2, 9, 3, generator=rng)
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        model = net.to(dtype)
+        xi = x.to(dtype).requires_grad_(True)
+        (g,) = torch.autograd.grad((model(xi, t, types) * probe.to(dtype)).sum(), xi)
+        grads.append(g.double())
+    net.float()
+    err = (grads[0] - grads[1]).abs().max() / grads[1].abs().max()
+    assert err < 1e-4, float(err)

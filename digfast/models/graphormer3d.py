@@ -115,7 +115,8 @@ class Graphormer3D(nn.Module):
             bias = bias + self.path_bias(paths.clamp(max=self.cfg.max_path + 1)).movedim(-1, -3)
         if mask is not None:  # padded keys get no attention
             bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
-        h = self.embed(types) + self.phi_proj(phi) + self.time(sinusoidal_embedding(t * self.cfg.time_scale, self.cfg.width)).unsqueeze(1)
+        h_dtype = self.embed.weight.dtype  # float64 networks too (likelihood checks)
+        h = self.embed(types) + self.phi_proj(phi) + self.time(sinusoidal_embedding(t * self.cfg.time_scale, self.cfg.width).to(h_dtype)).unsqueeze(1)
         for layer in self.layers:
             h = layer(h, bias)
         h = self.ln_out(h)

@@ -14,9 +14,16 @@ from digfast.ops import _backend
 
 
 def unit_vectors(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(B, N, N, d): u_ij = (x_j - x_i) / |x_j - x_i|, 0 on the diagonal."""
+    """(B, N, N, d): u_ij = (x_j - x_i) / |x_j - x_i|, 0 on the diagonal.
+
+    The diagonal is zeroed by a mask, not only by delta = 0: without it the gradient of u_ii
+    (1/eps times the upstream gradient) reaches x_i twice with opposite signs and cancels
+    only to rounding, leaving O(1e-1) noise in float32 Jacobians (likelihood divergences).
+    """
     delta = x.unsqueeze(1) - x.unsqueeze(2)
-    return delta / (delta.norm(dim=-1, keepdim=True) + eps)
+    n = x.shape[-2]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=x.device).unsqueeze(-1)
+    return delta / (delta.norm(dim=-1, keepdim=True) + eps) * off_diagonal
 
 
 def vector_head_reference(attn: torch.Tensor, x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
