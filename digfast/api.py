@@ -150,7 +150,7 @@ def sample_batch(model, system=None, n: int = 1000, steps: int | None = None, *,
 def log_likelihood(model, system=None, positions=None, *, divergence: str = "exact", probes: int = 8,
                    method: str = "rk4", steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
                    seed: int = 0, batch_size="auto", device=None, mask=None, t_min: float | None = None,
-                   dtype=torch.float64, prior_log_prob=None) -> _lik.LikelihoodResult:
+                   dtype=torch.float64, prior_log_prob=None, progress: bool = False) -> _lik.LikelihoodResult:
     """log p_0 of each structure under the model (probability-flow ODE), and its latent x_T.
 
     For systems whose samples sample_batch canonicalises (chiral molecules: the D mirror
@@ -172,15 +172,24 @@ def log_likelihood(model, system=None, positions=None, *, divergence: str = "exa
         t_min = 1e-5 if model.schedule.kind == "vp" else 0.0
     bs = _batch_size(batch_size, n, system.n_atoms)
     scale = _scale(model)
+    per_batch = steps * _LIKELIHOOD_EVALS[method] if method in _LIKELIHOOD_EVALS else None  # dopri5: adaptive
+    bar = _progress(progress, per_batch * -(-n // bs) if per_batch else None, f"log p ({method})", "eval")
+    score_fn = _score_fn(model)
+    if bar:
+        def score_fn(x, t, m, _inner=score_fn):  # one tick per ODE right-hand side
+            bar.update()
+            return _inner(x, t, m)
     parts = []
     for lo in range(0, n, bs):
         hi = min(n, lo + bs)
         m = None if mask is None else mask[lo:hi].to(device)
         parts.append(_lik.log_likelihood(
-            _score_fn(model), model.schedule, positions[lo:hi].to(device, dtype) / scale, mask=m,
+            score_fn, model.schedule, positions[lo:hi].to(device, dtype) / scale, mask=m,
             divergence=divergence, probes=probes, seed=seed,
             sample_ids=torch.arange(lo, hi, device=device), method=method, steps=steps, rtol=rtol,
             atol=atol, t_min=t_min, prior_log_prob=prior_log_prob))
+    if bar:
+        bar.close()
     # density in the system's units: p_x(x) = p_y(x / scale) / scale^D
     log_jac = _lik.dof(positions, mask).double() * math.log(scale)
     log_prob = torch.cat([p.log_prob for p in parts]).cpu() - log_jac
@@ -203,9 +212,12 @@ def _step_backend(device) -> str:
     return _backend.choose("sampler_step", device)
 
 
-def _progress(enabled: bool, total: int, desc: str):
+def _progress(enabled: bool, total: int | None, desc: str, unit: str = "step"):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=0.5)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=0.5)
+
+
+_LIKELIHOOD_EVALS = {"euler": 1, "heun": 2, "rk4": 4}  # ODE right-hand sides per fixed step

@@ -104,7 +104,7 @@ def _cmd_likelihood(args) -> int:
     x = load_positions(args.input, top=args.top)
     res = digfast.log_likelihood(model, positions=x, divergence=args.divergence, probes=args.probes,
                                  method=args.method, steps=args.steps, seed=args.seed,
-                                 batch_size=args.batch_size, device=args.device)
+                                 batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     lp = res.log_prob
     print(f"digfast: log p of {len(lp)} structures: mean {float(lp.mean()):.4f}  std {float(lp.std()):.4f}  "
           f"({args.divergence}, {args.method} x{args.steps}, {res.n_evals} score calls)")

@@ -99,3 +99,25 @@ def test_cli_info(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["digfast"] == digfast.__version__
+
+
+def test_likelihood_progress_counts_every_score_call(monkeypatch):
+    import digfast.api as api
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.n = total, 0
+
+        def update(self):
+            self.n += 1
+
+        def close(self):
+            pass
+
+    bars = []
+    monkeypatch.setattr(api, "_progress", lambda enabled, total, *a: bars.append(Bar(total)) or bars[-1])
+    model = digfast.load("mixture")
+    x = digfast.sample_batch(model, n=6, steps=10, progress=False).positions
+    res = digfast.log_likelihood(model, positions=x, divergence="hutchinson", method="rk4", steps=5,
+                                 batch_size=4, progress=True)
+    assert bars[-1].n == bars[-1].total == res.n_evals == 2 * 5 * 4  # two batches
