@@ -20,22 +20,28 @@ import torch
 from digfast.ops import _backend
 
 
-def pair_bias_attention_reference(q, k, v, bias=None, key_mask=None):
-    """q, k, v (B, H, N, dh); bias (B, H, N, N) additive logits or None; key_mask (B, N) bool,
-    False = padded key. Returns (B, H, N, dh). Materialises the (B, H, N, N) logits."""
+def attention_probabilities(q, k, bias=None, key_mask=None):
+    """softmax_j(q_i.k_j / sqrt(dh) + bias_ij) over unpadded keys, (B, H, M, N); q (B, H, M, dh),
+    k (B, H, N, dh), bias (B, H, M, N) or None, key_mask (B, N) bool (False = padded key) or
+    None. Rows without any key give 0, not NaN."""
     logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if bias is not None:
         logits = logits + bias
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    # A softmax that gives 0 (not NaN) on rows without a finite logit: shift by the row max
-    # (detached: the softmax does not depend on the shift), or by 0 when the max is -inf.
+    # shift by the row max (detached: the softmax does not depend on the shift), or by 0 when
+    # the max is -inf, so that an all-padded row sums to 0 instead of dividing 0 by 0
     top = logits.detach().amax(dim=-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     p = torch.exp(logits - top)
     total = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(total > 0, total, torch.ones_like(total))
-    return p.to(v.dtype) @ v
+    return p / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def pair_bias_attention_reference(q, k, v, bias=None, key_mask=None):
+    """q, k, v (B, H, N, dh); bias (B, H, N, N) additive logits or None; key_mask (B, N) bool,
+    False = padded key. Returns (B, H, N, dh). Materialises the (B, H, N, N) logits."""
+    return attention_probabilities(q, k, bias, key_mask).to(v.dtype) @ v
 
 
 def pair_bias_attention(q, k, v, bias=None, key_mask=None, *, backend=None):

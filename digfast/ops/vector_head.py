@@ -6,24 +6,29 @@ j = i left out). Rotating r rotates u and so the output; translations do not tou
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from digfast.ops import _backend
+from digfast.ops.pair_bias_attention import attention_probabilities
+
+
+def unit_vectors_between(x_query: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(B, M, N, d): u_ij = (x_j - x_i) / |x_j - x_i| from the M query atoms x_query (B, M, d)
+    to the N atoms x (B, N, d); 0 where the two coincide (u_ii).
+
+    The zero carries no gradient: delta_ii = x_i - x_i is 0 identically, yet through
+    delta / (|delta| + eps) autograd would send +-g/eps to x_i along two paths that cancel only
+    to rounding, O(1e-1) noise in float32 Jacobians (the likelihood's divergences).
+    A query atom that is also a key atom must have the very same coordinates in both.
+    """
+    delta = x.unsqueeze(1) - x_query.unsqueeze(2)
+    r = delta.norm(dim=-1, keepdim=True)
+    return torch.where(r == 0, torch.zeros_like(delta), delta / (r + eps))
 
 
 def unit_vectors(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(B, N, N, d): u_ij = (x_j - x_i) / |x_j - x_i|, 0 on the diagonal.
-
-    The diagonal is zeroed by a mask, not only by delta = 0: without it the gradient of u_ii
-    (1/eps times the upstream gradient) reaches x_i twice with opposite signs and cancels
-    only to rounding, leaving O(1e-1) noise in float32 Jacobians (likelihood divergences).
-    """
-    delta = x.unsqueeze(1) - x.unsqueeze(2)
-    n = x.shape[-2]
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=x.device).unsqueeze(-1)
-    return delta / (delta.norm(dim=-1, keepdim=True) + eps) * off_diagonal
+    """(B, N, N, d): u_ij = (x_j - x_i) / |x_j - x_i|, 0 on the diagonal."""
+    return unit_vectors_between(x, x, eps)
 
 
 def vector_head_reference(attn: torch.Tensor, x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -46,23 +51,8 @@ def fused_vector_head_rows_reference(q, k, bias, x_query, x, vw, key_mask=None, 
     or None, key_mask (B, N) bool (False = padded key) or None. Returns (B, M, d).
     A query atom that is also a key atom must have the very same coordinates in x_query and x
     (a slice of x), so that its own u_ii is exactly 0. Rows without any key give 0."""
-    logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    if bias is not None:
-        logits = logits + bias
-    if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    # softmax that gives 0 (not NaN) on rows without a finite logit (as pair_bias_attention)
-    top = logits.detach().amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    p = torch.exp(logits - top)
-    total = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(total > 0, total, torch.ones_like(total))
-    delta = x.unsqueeze(1) - x_query.unsqueeze(2)                     # (B, M, N, d)
-    r = delta.norm(dim=-1, keepdim=True)
-    # u_ii = 0 as in unit_vectors, but with no gradient through it: delta_ii = x_i - x_i is 0
-    # identically, yet autograd would send +-g/eps (eps = 1e-6) to x_i along two paths that
-    # cancel only up to rounding, i.e. float32 noise of order 1e6 * 2^-24 in dL/dx.
-    u = torch.where(r == 0, torch.zeros_like(delta), delta / (r + eps))
+    p = attention_probabilities(q, k, bias, key_mask)
+    u = unit_vectors_between(x_query, x, eps)
     return torch.einsum("bhij,bijc,bhj->bic", p, u, vw)
 
 
