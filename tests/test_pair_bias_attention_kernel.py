@@ -12,8 +12,6 @@ Outputs and gradients are NaN-filled before the kernels run, so an entry never w
 """
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,6 +19,8 @@ import torch.nn.functional as F
 
 from digfast.ops import _backend
 from digfast.ops.pair_bias_attention import pair_bias_attention, pair_bias_attention_reference
+
+from interpreted import fresh_generator, run_interpreted
 
 EPS = 2.0**-23
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -96,8 +96,7 @@ def row_lse(case, dtype):
 
 
 # ---- Triton, under the interpreter on the CPU ------------------------------------------
-# TRITON_INTERPRET must be set before triton is imported, and setting it here would turn the
-# GPU kernels of later tests into interpreted ones: one subprocess runs every case.
+# One subprocess runs every case with TRITON_INTERPRET=1 (see tests/interpreted.py for why).
 
 # (B, H, N, dh, bias, masked, layout): N = 1, 7, 33, 100 (tiles of 16 and 64, partial last
 # tiles); dh 12, 24 (padded to 16, 32 in the kernel) and 32; padding masks with an all-padded
@@ -169,24 +168,15 @@ torch.save((outs, grad_outs), sys.argv[2])
 def triton_results(tmp_path_factory):
     """Inputs and interpreted-Triton outputs of FORWARD_CASES and GRAD_CASES."""
     pytest.importorskip("triton")
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"triton cases rng seed {seed}")
-    rng = torch.Generator().manual_seed(seed)
+    rng = fresh_generator()
     forward = [make_inputs(rng, *c) for c in FORWARD_CASES]
     grads = []
     for B, H, N, dh, bias, masked, layout, which in GRAD_CASES:
         case = make_inputs(rng, B, H, N, dh, bias, masked, layout)
         case.update(which=which, g_out=torch.randn(B, H, N, dh, generator=rng))
         grads.append(case)
-    folder = tmp_path_factory.mktemp("triton_pair_bias_attention")
-    src, dst = folder / "cases.pt", folder / "outs.pt"
-    torch.save((forward, grads), src)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _TRITON_WORKER, str(src), str(dst),
-                           os.path.dirname(__file__)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"triton worker failed:\n{proc.stderr[-4000:]}"
-    outs, grad_outs = torch.load(dst)
+    outs, grad_outs = run_interpreted(_TRITON_WORKER, (forward, grads),
+                                      tmp_path_factory.mktemp("triton_pair_bias_attention"))
     return list(zip(forward, outs)), list(zip(grads, grad_outs))
 
 

@@ -15,8 +15,6 @@ import importlib.util
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,6 +22,8 @@ import torch
 from digfast.ops import _backend
 from digfast.ops.philox import STREAM_STEP, philox_normal
 from digfast.ops.sampler_step import sampler_step, sampler_step_reference
+
+from interpreted import fresh_generator, run_interpreted
 
 EPS = 2.0**-23
 C_OR_NONE = importlib.util.find_spec("digfast._C") is not None
@@ -311,9 +311,7 @@ def test_cuda_op_without_gpu_is_a_clear_error(rng):
 
 
 # ---- Triton, under the interpreter on the CPU ------------------------------------------
-# TRITON_INTERPRET must be set before triton itself is imported (triton.language's own
-# @jit helpers are built at import), and setting it in this process would also turn the
-# real GPU kernels of later tests into interpreted ones. So one subprocess runs every case.
+# One subprocess runs every case with TRITON_INTERPRET=1 (see tests/interpreted.py for why).
 
 TRITON_SHAPES = [(1, 1, 3), (3, 5, 2), (17, 13, 3), (3, 127, 3), (2, 1000, 2), (0, 4, 3)]
 TRITON_CASES = [(shape, masked, abc) for shape in TRITON_SHAPES for masked in (False, True)
@@ -334,21 +332,12 @@ torch.save(outs, sys.argv[2])
 def triton_results(tmp_path_factory):
     """(inputs, triton output) per case of TRITON_CASES, computed under TRITON_INTERPRET=1."""
     pytest.importorskip("triton")
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"triton cases rng seed {seed}")
-    rng = torch.Generator().manual_seed(seed)
+    rng = fresh_generator()
     cases = []
     for shape, masked, (a, b, c) in TRITON_CASES:
         x, d, ids, mask, key, step = make_inputs(rng, *shape, masked=masked)
         cases.append(dict(x=x, d=d, ids=ids, mask=mask, seed=key, step=step, a=a, b=b, c=c))
-    folder = tmp_path_factory.mktemp("triton")
-    src, dst = folder / "cases.pt", folder / "outs.pt"
-    torch.save(cases, src)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _TRITON_WORKER, str(src), str(dst)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"triton worker failed:\n{proc.stderr[-4000:]}"
-    return list(zip(cases, torch.load(dst)))
+    return list(zip(cases, run_interpreted(_TRITON_WORKER, cases, tmp_path_factory.mktemp("triton"))))
 
 
 @pytest.mark.parametrize("case", range(len(TRITON_CASES)),

@@ -14,8 +14,6 @@ Outputs are NaN-filled before the kernel runs, so an entry it never writes fails
 """
 import math
 import os
-import subprocess
-import sys
 from unittest import mock
 
 import pytest
@@ -24,6 +22,8 @@ import torch
 from digfast.ops import _backend
 from digfast.ops.spatial_bias import (spatial_bias, spatial_bias_reference,
                                       spatial_bias_rows_reference)
+
+from interpreted import fresh_generator, run_interpreted
 
 EPS = 2.0**-23
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -89,8 +89,7 @@ def assert_close_to_float64(name, out, case, index):
 
 
 # ---- Triton, under the interpreter on the CPU ------------------------------------------
-# TRITON_INTERPRET must be set before triton is imported, and setting it here would turn the
-# GPU kernels of later tests into interpreted ones: one subprocess runs every case.
+# One subprocess runs every case with TRITON_INTERPRET=1 (see tests/interpreted.py for why).
 
 # (B, N, D, K, H, T, masked, expand): N = 1, 7, 33, 100; K and H not powers of two; K = 32,
 # 128 of the public model; padding masks, one all-padded sample, a stride-0 pair_type.
@@ -163,9 +162,7 @@ torch.save((outs, grad_outs), sys.argv[2])
 def triton_results(tmp_path_factory):
     """Inputs and interpreted-Triton outputs of FORWARD_CASES and GRAD_CASES."""
     pytest.importorskip("triton")
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"triton cases rng seed {seed}")
-    rng = torch.Generator().manual_seed(seed)
+    rng = fresh_generator()
     forward = [make_inputs(rng, *c[:6], masked=c[6], expand=c[7]) for c in FORWARD_CASES]
     grads = []
     for B, N, D, K, H, T, masked, which, outputs, rows in GRAD_CASES:
@@ -174,15 +171,8 @@ def triton_results(tmp_path_factory):
                     g_bias=torch.randn(B, H, N, N, generator=rng),
                     g_node=torch.randn(B, N, K, generator=rng))
         grads.append(case)
-    folder = tmp_path_factory.mktemp("triton_spatial_bias")
-    src, dst = folder / "cases.pt", folder / "outs.pt"
-    torch.save((forward, grads), src)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _TRITON_WORKER, str(src), str(dst),
-                           os.path.dirname(__file__)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"triton worker failed:\n{proc.stderr[-4000:]}"
-    outs, grad_outs = torch.load(dst)
+    outs, grad_outs = run_interpreted(_TRITON_WORKER, (forward, grads),
+                                      tmp_path_factory.mktemp("triton_spatial_bias"))
     return list(zip(forward, outs)), list(zip(grads, grad_outs))
 
 

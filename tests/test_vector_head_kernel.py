@@ -10,9 +10,6 @@ largest gradient magnitude for gradients. The kernel sums the same terms in floa
 softmax, in-tile unit vectors), so it may be at most about twice as wrong as torch.
 Outputs are NaN-filled before the kernel runs, so an entry never written fails.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +17,8 @@ import torch
 from digfast.ops import _backend
 from digfast.ops.vector_head import (fused_vector_head, fused_vector_head_reference,
                                      fused_vector_head_rows_reference, vector_head_reference)
+
+from interpreted import fresh_generator, run_interpreted
 
 EPS = 2.0**-23
 ARGS = ("q", "k", "bias", "x", "vw", "key_mask")
@@ -125,7 +124,7 @@ def test_rows_reference_in_chunks_and_empty_rows(rng):
 
 
 # ---- Triton, under the interpreter on the CPU ----------------------------------------------
-# TRITON_INTERPRET must be set before triton is imported: one subprocess runs every case.
+# One subprocess runs every case with TRITON_INTERPRET=1 (see tests/interpreted.py for why).
 
 # (B, H, N, dh, d, bias, masked): N = 1, 7, 33, 100 (tiles of 16 and 64, partial last tiles);
 # dh 12, 24 (padded to 16, 32 in the kernel) and 32; d 2 and 3; key masks with an all-padded
@@ -170,23 +169,15 @@ torch.save((outs, (got.detach(), dict(zip(names, grads))), equi_outs), sys.argv[
 @pytest.fixture(scope="module")
 def triton_results(tmp_path_factory):
     pytest.importorskip("triton")
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"triton cases rng seed {seed}")
-    rng = torch.Generator().manual_seed(seed)
+    rng = fresh_generator()
     forward = [make_inputs(rng, *c) for c in FORWARD_CASES]
     grad_case = make_inputs(rng, *GRAD_CASE)
     grad_case["g_out"] = torch.randn(grad_case["x"].shape, generator=rng)
     equi = make_inputs(rng, *EQUIVARIANCE_CASE)
     R = random_rotation(rng, equi["x"].shape[-1])
     equi.update(R=R, x_rot=(equi["x"].double() @ R.T).float())
-    folder = tmp_path_factory.mktemp("triton_vector_head")
-    src, dst = folder / "cases.pt", folder / "outs.pt"
-    torch.save((forward, grad_case, equi), src)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _TRITON_WORKER, str(src), str(dst)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"triton worker failed:\n{proc.stderr[-4000:]}"
-    outs, grads, equi_outs = torch.load(dst)
+    outs, grads, equi_outs = run_interpreted(_TRITON_WORKER, (forward, grad_case, equi),
+                                             tmp_path_factory.mktemp("triton_vector_head"))
     return list(zip(forward, outs)), (grad_case, grads), (equi, equi_outs)
 
 
