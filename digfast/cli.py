@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="learn small-noise scores from the system's forces below this sigma/alpha (0: off)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --run-dir")
+    tr.add_argument("--init", default=None, help="fine-tune: start from this trained model (name or folder) "
+                    "with a fresh optimiser and learning-rate schedule")
     tr.add_argument("--threads", type=int, default=None)
     tr.add_argument("--quiet", action="store_true")
 
@@ -122,7 +124,7 @@ def _cmd_train(args) -> int:
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("tsm_sigma", args.tsm_sigma))
                  if v is not None}
     trainer = build_trainer(args.system, args.data, args.val, run_dir, steps=args.steps, seed=args.seed,
-                            resume=args.resume, overrides=overrides)
+                            resume=args.resume, overrides=overrides, init=args.init)
     folder = train_and_save(trainer, out, progress=not args.quiet)
     last = trainer.history[-1] if trainer.history else {}
     print(f"digfast: trained {args.system} for {trainer.step} steps; val loss {last.get('val_loss', float('nan')):.4f}; "

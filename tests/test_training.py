@@ -94,6 +94,29 @@ def test_cli_train_smoke(tmp_path, rng, capsys):
     assert main(["train", "--system", "dw4", "--data", str(tmp_path / "absent.npy"), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_fine_tune_starts_from_the_given_weights(tmp_path, rng):
+    import numpy as np
+
+    from digfast.cli import main
+    from digfast.training.recipes import build_trainer
+
+    data = tmp_path / "dw4.npy"
+    np.save(data, (2.0 * torch.randn(200, 8, generator=rng)).numpy())
+    start = digfast.load("dw4")
+    trainer = build_trainer("dw4", str(data), run_dir=tmp_path / "run", init="dw4", overrides={"batch_size": 8})
+    for (name, p), q in zip(trainer.model.net.named_parameters(), start.net.parameters()):
+        assert torch.equal(p, q) and p.requires_grad, name
+    assert trainer.step == 0 and torch.equal(next(iter(trainer.ema.parameters())), next(iter(start.net.parameters())))
+    assert main(["train", "--system", "dw4", "--data", str(data), "--init", "dw4", "--out", str(tmp_path / "ft"),
+                 "--steps", "3", "--batch-size", "8", "--quiet"]) == 0
+    tuned = digfast.load(str(tmp_path / "ft"))
+    assert tuned.info["init"] == "dw4" and tuned.info["init_train_steps"] == start.info["train_steps"]
+    assert tuned.info["train_steps"] == 3
+    assert not torch.equal(tuned.net.embed.weight, start.net.embed.weight)  # it trained
+    with pytest.raises(ValueError, match="not a trained dw4 model"):
+        build_trainer("dw4", str(data), init="lj13")
+
+
 def test_recipe_on_shipped_alanine_split_with_force_targets(tmp_path):
     pytest.importorskip("openmm")  # forces of the training structures come from OpenMM
     from digfast.systems.alanine import TRAIN_FRAMES

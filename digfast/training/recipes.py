@@ -62,8 +62,9 @@ def _datasets(system, data, val):
 
 
 def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | None = None, seed: int = 0,
-                  resume: bool = False, overrides: dict | None = None) -> Trainer:
-    """A Trainer for a recipe (data None: the system's shipped training split); resume reads run_dir."""
+                  resume: bool = False, overrides: dict | None = None, init=None) -> Trainer:
+    """A Trainer for a recipe (data None: the system's shipped training split); resume reads run_dir;
+    init (a model name or folder) starts from trained weights with a fresh optimiser and schedule."""
     if system_name not in RECIPES:
         raise ValueError(f"no training recipe for {system_name!r}; known: {sorted(RECIPES)}")
     recipe, system = RECIPES[system_name], get_system(system_name)
@@ -73,11 +74,25 @@ def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | N
     if resume:
         return Trainer.resume(run_dir, train, val, forces=forces)
     torch.manual_seed(seed)
+    if init is not None:
+        return Trainer(_fine_tune_start(init, system, source, len(train)), train, val,
+                       TrainConfig(seed=seed, **settings), out_dir=run_dir, forces=forces)
     net = Graphormer3D(Graphormer3DConfig(n_atom_types=int(system.atom_types.max()) + 1, **recipe["network"]))
     centred = train - train.mean(1, keepdim=True)
     model = ScoreModel(net, make_schedule(recipe["schedule"]), system, position_scale=float(centred.std()),
                        default_steps=recipe["default_steps"], info={"data": source, "n_train": len(train)})
     return Trainer(model, train, val, TrainConfig(seed=seed, **settings), out_dir=run_dir, forces=forces)
+
+
+def _fine_tune_start(init, system, source: str, n_train: int) -> ScoreModel:
+    from digfast.api import load
+
+    model = load(init)
+    if not isinstance(model, ScoreModel) or model.system.name != system.name:
+        raise ValueError(f"--init {init!r} is not a trained {system.name} model")
+    model.info = {"data": source, "n_train": n_train, "init": str(init),
+                  "init_train_steps": model.info.get("train_steps")}
+    return model.train()
 
 
 def train_and_save(trainer: Trainer, out: str | Path, progress: bool = True) -> Path:
