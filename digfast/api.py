@@ -73,6 +73,12 @@ def _score_fn(model):
     return lambda x, t, mask: model.score(x, t) if mask is None else model.score(x, t, mask=mask)
 
 
+def _guided(model, guidance):
+    from digfast.guidance import guided_score_fn
+
+    return guided_score_fn(_score_fn(model), guidance, model.schedule, _scale(model))
+
+
 def _batch_size(batch_size, n: int, n_atoms: int) -> int:
     if batch_size in (None, "auto"):
         return max(1, min(n, 2**16 // max(n_atoms, 1)))
@@ -96,8 +102,11 @@ def _check_mask(mask, n, n_atoms):
 
 def sample_batch(model, system=None, n: int = 1000, steps: int | None = None, *, sampler: str = "ancestral",
                  batch_size="auto", seed: int = 0, device=None, progress: bool = True, mask=None,
-                 first_sample_id: int = 0, t_min: float | None = None) -> SampleResult:
+                 first_sample_id: int = 0, t_min: float | None = None, guidance=None) -> SampleResult:
     """Draw n independent samples of system from model.
+
+    guidance (digfast.Guidance) steers every sampler towards a property value: the score
+    becomes s + w grad log q(c | x) (see digfast/guidance.py).
 
     Sample k (k = first_sample_id .. first_sample_id + n - 1) uses noise keyed by (seed, k), so
     the result does not depend on batch_size or device count, and a run can resume or be
@@ -125,7 +134,8 @@ def sample_batch(model, system=None, n: int = 1000, steps: int | None = None, *,
             m = None if mask is None else mask[lo:hi].to(device)
             x = _samplers.prior_sample(model.schedule, seed, ids, system.n_atoms, system.spatial_dim, m)
             ctx = _samplers.StepContext(seed, ids, m, on_step=bar.update if bar else None)
-            out.append(run(_score_fn(model), model.schedule, x, steps, ctx, t_min=t_min).cpu())
+            score_fn = _score_fn(model) if guidance is None else _guided(model, guidance)
+            out.append(run(score_fn, model.schedule, x, steps, ctx, t_min=t_min).cpu())
     seconds = time.perf_counter() - start
     if bar:
         bar.close()
