@@ -10,6 +10,8 @@ a sample's path never depends on its batch.
     em          Euler-Maruyama on the reverse SDE
     euler, heun probability-flow ODE
     dpm++2m     DPM-Solver++(2M), multistep in log-SNR, for few steps
+    dpm++2m-sde its stochastic form (SDE-DPM-Solver++(2M)): fresh noise each step forgets
+                part of the score error that the deterministic solver carries to the end
 """
 from __future__ import annotations
 
@@ -144,6 +146,19 @@ def dpm_solver_2m(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps:
     last of the `steps` score calls returns D at t_min: the step to sigma = 0, which removes
     the noise sigma(t_min) that would otherwise stay in every sample.
     """
+    return _dpm_solver_2m(score_fn, schedule, x, steps, ctx, t_min, stochastic=False)
+
+
+def dpm_solver_2m_sde(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps: int,
+                      ctx: StepContext, t_min: float | None = None, **_) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M): the exact solution of the reverse SDE's linear part over each
+    log-SNR step h, x_i = (sigma_i / sigma_{i-1}) e^{-h} x_{i-1} + alpha_i (1 - e^{-2h}) D'
+    + sigma_i sqrt(1 - e^{-2h}) z, with the same D' extrapolation and final denoise as dpm++2m.
+    """
+    return _dpm_solver_2m(score_fn, schedule, x, steps, ctx, t_min, stochastic=True)
+
+
+def _dpm_solver_2m(score_fn, schedule, x, steps, ctx, t_min, stochastic: bool):
     ts = time_grid(schedule, max(steps - 1, 1), default_t_min(schedule) if t_min is None else t_min, "logsnr")
     if steps == 1:
         ts = ts[:1]  # one call: denoise the prior draw
@@ -161,11 +176,16 @@ def dpm_solver_2m(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, steps:
         if prev_d is None or last_first_order:
             direction = d
         else:
+            # D' = D + (D - D_prev) / (2 r): the ODE and SDE forms share the midpoint rule
             r = prev_h / h
             direction = (1 + 0.5 / r) * d - (0.5 / r) * prev_d
-        a = float(sigma[k + 1] / sigma[k])
-        b = float(alpha[k + 1]) * -math.expm1(-h)
-        x = ctx.step(x, direction, a, b, 0.0, steps - k)
+        if stochastic:
+            a = float(sigma[k + 1] / sigma[k]) * math.exp(-h)
+            b = float(alpha[k + 1]) * -math.expm1(-2 * h)
+            c = float(sigma[k + 1]) * math.sqrt(-math.expm1(-2 * h))
+        else:
+            a, b, c = float(sigma[k + 1] / sigma[k]), float(alpha[k + 1]) * -math.expm1(-h), 0.0
+        x = ctx.step(x, direction, a, b, c, steps - k)
         prev_d, prev_h = d, h
         ctx.tick()
     return x
@@ -177,10 +197,11 @@ SAMPLERS: dict[str, Callable] = {
     "euler": ode_euler,
     "heun": ode_heun,
     "dpm++2m": dpm_solver_2m,
+    "dpm++2m-sde": dpm_solver_2m_sde,
 }
 
 # score evaluations per step, for reporting
-EVALS_PER_STEP = {"ancestral": 1, "em": 1, "euler": 1, "heun": 2, "dpm++2m": 1}
+EVALS_PER_STEP = {"ancestral": 1, "em": 1, "euler": 1, "heun": 2, "dpm++2m": 1, "dpm++2m-sde": 1}
 
 
 def get_sampler(name: str) -> Callable:

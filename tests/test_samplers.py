@@ -13,12 +13,14 @@ CASES = [  # (schedule, sampler, steps)
     (LinearVP(), "euler", 500),
     (LinearVP(), "heun", 100),
     (LinearVP(), "dpm++2m", 25),
+    (LinearVP(), "dpm++2m-sde", 100),
     (CosineVP(), "ancestral", 500),
     (CosineVP(), "dpm++2m", 25),
     (GeometricVE(0.01, 50.0), "ancestral", 500),
     (GeometricVE(0.01, 50.0), "em", 500),
     (GeometricVE(0.01, 50.0), "heun", 100),
     (GeometricVE(0.01, 50.0), "dpm++2m", 25),
+    (GeometricVE(0.01, 50.0), "dpm++2m-sde", 100),
 ]
 
 
@@ -47,7 +49,8 @@ def test_sampler_reaches_the_mixture(mixture, case):
     assert out.positions.sum(1).abs().max() < 1e-4, "samples left the zero-CoM subspace"
 
 
-@pytest.mark.parametrize("sampler,steps", [("ancestral", 500), ("heun", 100), ("dpm++2m", 25)])
+@pytest.mark.parametrize("sampler,steps", [("ancestral", 500), ("heun", 100), ("dpm++2m", 25),
+                                           ("dpm++2m-sde", 100)])
 @pytest.mark.parametrize("change", [lambda s: -s, lambda s: 0.9 * s], ids=["sign-flipped", "10%-weak"])
 def test_statistics_catch_a_broken_score(mixture, sampler, steps, change):
     model = Perturbed(mixture.model(LinearVP()), change)
@@ -55,7 +58,7 @@ def test_statistics_catch_a_broken_score(mixture, sampler, steps, change):
     assert not check_samples(mixture, out.positions).ok
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "em", "heun", "dpm++2m"])
+@pytest.mark.parametrize("sampler", ["ancestral", "em", "heun", "dpm++2m", "dpm++2m-sde"])
 def test_result_does_not_depend_on_batch_size_or_split(mixture, sampler):
     model = mixture.model(LinearVP())
     kw = dict(steps=20, sampler=sampler, seed=3, progress=False)
@@ -77,7 +80,7 @@ def test_seeds_are_reproducible_and_distinct(mixture):
     assert len({tuple(r.flatten().tolist()) for r in a}) == 8, "samples of one batch must differ"
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "em", "euler", "heun", "dpm++2m"])
+@pytest.mark.parametrize("sampler", ["ancestral", "em", "euler", "heun", "dpm++2m", "dpm++2m-sde"])
 def test_padded_batch_gives_the_unpadded_samples(mixture, sampler, rng):
     """Real atoms first, then padding: the same noise reaches the real atoms, padding stays 0."""
     n, pad = 12, 3
