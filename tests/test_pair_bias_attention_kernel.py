@@ -277,9 +277,10 @@ def test_dispatch_cpu_default_and_forced_reference(rng, monkeypatch):
 
 
 def test_dispatch_refuses_backends_it_cannot_use(monkeypatch):
-    monkeypatch.setenv("DIGFAST_BACKEND", "cpp")  # no compiled op
-    with pytest.raises(ValueError, match="not a backend of pair_bias_attention"):
-        _backend.choose("pair_bias_attention", torch.device("cpu"))
+    monkeypatch.setenv("DIGFAST_BACKEND", "cpp")  # no compiled op: the global switch falls back
+    assert _backend.choose("pair_bias_attention", torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="pair_bias_attention has no backend 'cpp'"):
+        _backend.choose("pair_bias_attention", torch.device("cpu"), "cpp")  # asked for by name
     monkeypatch.setenv("DIGFAST_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="not available on cpu"):
         _backend.choose("pair_bias_attention", torch.device("cpu"))

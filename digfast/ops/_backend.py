@@ -2,7 +2,8 @@
 
 Backends: "reference" (pure torch, always there), "cpp" (digfast._C on the CPU),
 "cuda" (digfast._C built with CUDA), "triton" (kernels/ on a GPU). The choice depends
-on the device and on what is installed; DIGFAST_BACKEND=reference forces the oracle.
+on the device and on what is installed; DIGFAST_BACKEND=reference forces the oracle, and
+DIGFAST_BACKEND=<name> forces <name> on the ops that have it (the others run their reference).
 """
 from __future__ import annotations
 
@@ -60,11 +61,26 @@ def available(name: str, device: torch.device) -> bool:
     raise ValueError(f"unknown backend {name!r}")
 
 
-def choose(op: str, device: torch.device) -> str:
+def choose(op: str, device: torch.device, backend: str | None = None) -> str:
+    """The backend that runs op on device. An explicit per-call backend must be one of op's
+    and available, or this raises. The global DIGFAST_BACKEND override applies to every op
+    at once, so an op without that backend (e.g. "cpp" for a Triton-only op) runs its
+    reference instead of failing; an op that has it must be able to use it on device."""
+    if backend is not None:
+        if backend != "reference" and backend not in _REGISTRY[op]:
+            raise ValueError(f"{op} has no backend {backend!r}; it has "
+                             f"{['reference', *_REGISTRY[op]]}")
+        # Triton under TRITON_INTERPRET=1 runs on the CPU when asked for by name (tests)
+        interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+        if not (available(backend, device) or interpreted and triton_available()):
+            raise RuntimeError(f"backend {backend!r} of {op} is not available on {device}")
+        return backend
     forced = os.environ.get("DIGFAST_BACKEND")
     if forced:
         if forced != "reference" and forced not in _REGISTRY[op]:
-            raise ValueError(f"DIGFAST_BACKEND={forced!r} is not a backend of {op}")
+            available(forced, device)  # still refuse a name that is no backend at all
+            _log_fallback(op, forced)
+            return "reference"
         if not available(forced, device):
             raise RuntimeError(f"DIGFAST_BACKEND={forced!r} is not available on {device}")
         return forced
@@ -72,6 +88,12 @@ def choose(op: str, device: torch.device) -> str:
         if name in _REGISTRY[op] and available(name, device):
             return name
     return "reference"
+
+
+@functools.cache
+def _log_fallback(op: str, forced: str) -> None:
+    log.info("digfast: %s has no %r backend; DIGFAST_BACKEND=%s runs its reference", op, forced,
+             forced)
 
 
 @functools.cache

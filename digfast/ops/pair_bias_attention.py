@@ -48,7 +48,7 @@ def pair_bias_attention(q, k, v, bias=None, key_mask=None, *, backend=None):
     """softmax(q k^T / sqrt(dh) + bias) v over unpadded keys, (B, H, N, dh); backend None picks
     the fastest available for q's device (the Triton kernel on a GPU, else the reference;
     DIGFAST_BACKEND overrides)."""
-    name = backend or _backend.choose("pair_bias_attention", q.device)
+    name = _backend.choose("pair_bias_attention", q.device, backend)
     if name == "reference":
         return pair_bias_attention_reference(q, k, v, bias, key_mask)
     return _backend.impl("pair_bias_attention", name)(q, k, v, bias, key_mask)

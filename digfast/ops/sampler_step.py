@@ -59,7 +59,7 @@ def sampler_step(x, direction, a, b, c, *, seed, sample_ids, step, mask=None, ba
     check_seed(seed)
     if not 0 <= int(step) < 2**32:
         raise ValueError(f"step must be in [0, 2**32), got {step}")
-    name = backend or _backend.choose("sampler_step", x.device)
+    name = _backend.choose("sampler_step", x.device, backend)
     if name == "reference":
         return sampler_step_reference(x, direction, a, b, c, seed=seed, sample_ids=sample_ids,
                                       step=step, mask=mask)

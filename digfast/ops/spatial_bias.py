@@ -57,7 +57,7 @@ def spatial_bias_rows_reference(x, rows: slice, pair_type, mul, add, means, stds
 def spatial_bias(x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask=None, *, backend=None):
     """bias (B, H, N, N), node_features (B, N, K); backend None picks the fastest available
     for x's device (the Triton kernel on a GPU, else the reference; DIGFAST_BACKEND overrides)."""
-    name = backend or _backend.choose("spatial_bias", x.device)
+    name = _backend.choose("spatial_bias", x.device, backend)
     if name == "reference":
         return spatial_bias_reference(x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask)
     return _backend.impl("spatial_bias", name)(x, pair_type, mul, add, means, stds, w1, b1, w2, b2,

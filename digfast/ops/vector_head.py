@@ -68,7 +68,7 @@ def fused_vector_head(q, k, bias, x, vw, key_mask=None, *, backend=None):
     """The fused head (see fused_vector_head_reference); backend None picks the fastest
     available for q's device (the Triton kernel on a GPU, else the reference;
     DIGFAST_BACKEND overrides)."""
-    name = backend or _backend.choose("fused_vector_head", q.device)
+    name = _backend.choose("fused_vector_head", q.device, backend)
     if name == "reference":
         return fused_vector_head_reference(q, k, bias, x, vw, key_mask)
     return _backend.impl("fused_vector_head", name)(q, k, bias, x, vw, key_mask)
