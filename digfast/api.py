@@ -10,7 +10,11 @@ import torch
 
 from digfast import likelihood as _lik
 from digfast import samplers as _samplers
+from digfast.arguments import check_choice, check_fits_in_memory, check_float, check_int
+from digfast.ops.philox import check_seed
 from digfast.results import SampleResult
+from digfast.validity import describe as describe_validity
+from digfast.validity import redraw_seed, run_check
 from digfast.schedules import LinearVP
 
 log = logging.getLogger("digfast")
@@ -82,9 +86,9 @@ def _guided(model, guidance):
 def _batch_size(batch_size, n: int, n_atoms: int) -> int:
     if batch_size in (None, "auto"):
         return max(1, min(n, 2**16 // max(n_atoms, 1)))
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1 or 'auto', got {batch_size}")
-    return min(int(batch_size), n)
+    if isinstance(batch_size, str):
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    return min(check_int("batch_size", batch_size, minimum=1), n)
 
 
 def _check_mask(mask, n, n_atoms):
@@ -102,7 +106,9 @@ def _check_mask(mask, n, n_atoms):
 
 def sample_batch(model, system=None, n: int = 1000, steps: int | None = None, *, sampler: str = "ancestral",
                  batch_size="auto", seed: int = 0, device=None, progress: bool = True, mask=None,
-                 first_sample_id: int = 0, t_min: float | None = None, guidance=None) -> SampleResult:
+                 first_sample_id: int = 0, t_min: float | None = None, guidance=None,
+                 on_nonfinite: str = "redraw", validity=None, on_invalid: str = "drop",
+                 max_attempts: int = 10) -> SampleResult:
     """Draw n independent samples of system from model.
 
     guidance (digfast.Guidance) steers every sampler towards a property value: the score
@@ -112,49 +118,127 @@ def sample_batch(model, system=None, n: int = 1000, steps: int | None = None, *,
     the result does not depend on batch_size or device count, and a run can resume or be
     split across processes by first_sample_id. mask ((N,) or (n, N) bool) marks real atoms
     of padded structures.
+
+    Rejected samples: one with NaN/inf coordinates (on_nonfinite) or one that validity
+    rejects (validity(positions, system) -> (n,) bool; digfast.validity has energy cut-off,
+    bond-length and clash checks; on_invalid) is "redraw"n: draw a of sample k uses the seed
+    validity.redraw_seed(seed, a) and the same id k, so results stay reproducible and
+    independent of the split; "drop" removes it; "keep" (non-finite only) keeps it with a
+    warning. A sample still rejected after max_attempts draws is dropped. metadata counts
+    them and lists the dropped sample ids.
     """
     system = _resolve_system(model, system)
     run = _samplers.get_sampler(sampler)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    steps = steps if steps is not None else getattr(model, "default_steps", 500)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    n = check_int("n", n, minimum=1)
+    steps = check_int("steps", steps if steps is not None else getattr(model, "default_steps", 500), minimum=1)
+    seed = check_seed(check_int("seed", seed))
+    first_sample_id = check_int("first_sample_id", first_sample_id, minimum=0, maximum=2**32 - n)
+    on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("redraw", "drop", "keep"))
+    on_invalid = check_choice("on_invalid", on_invalid, ("redraw", "drop"))
+    max_attempts = check_int("max_attempts", max_attempts, minimum=1)
+    if validity is not None and not callable(validity):
+        raise TypeError(f"validity must be a callable check(positions, system) -> (n,) bool, got {validity!r}")
+    if t_min is not None:
+        t_min = check_float("t_min", t_min, minimum=0.0, maximum=float(model.schedule.t_max))
     device = _resolve_device(device)
     mask = _check_mask(mask, n, system.n_atoms)
+    check_fits_in_memory(f"sample_batch(n={n}) of {system.n_atoms} atoms", 4 * n * system.n_atoms * system.spatial_dim,
+                         "write the ensemble to disk in chunks: digfast.ensemble.sample_ensemble or "
+                         "`digfast sample --out-dir DIR`")
     bs = _batch_size(batch_size, n, system.n_atoms)
-    n_batches = -(-n // bs)
-    bar = _progress(progress, n_batches * steps, f"{sampler} x{steps}")
-    out = []
+    bar = _progress(progress, -(-n // bs) * steps, f"{sampler} x{steps}")
+    score_fn = _score_fn(model) if guidance is None else _guided(model, guidance)
+    sampler_args = (model, system, run, score_fn, steps, t_min, device, bar)
     start = time.perf_counter()
-    with torch.no_grad():
-        for lo in range(0, n, bs):
-            hi = min(n, lo + bs)
-            ids = torch.arange(first_sample_id + lo, first_sample_id + hi, dtype=torch.int64, device=device)
-            m = None if mask is None else mask[lo:hi].to(device)
-            x = _samplers.prior_sample(model.schedule, seed, ids, system.n_atoms, system.spatial_dim, m)
-            ctx = _samplers.StepContext(seed, ids, m, on_step=bar.update if bar else None)
-            score_fn = _score_fn(model) if guidance is None else _guided(model, guidance)
-            out.append(run(score_fn, model.schedule, x, steps, ctx, t_min=t_min).cpu())
+    rows = torch.arange(n)
+    positions, bs = _draw(sampler_args, seed, first_sample_id + rows, mask, bs)
+    keep = torch.ones(n, dtype=torch.bool)
+    counts = {"n_nonfinite": 0, "n_invalid": 0}
+    redrawn = torch.zeros(n, dtype=torch.bool)
+    pending = rows
+    for attempt in range(max_attempts):
+        if attempt:
+            redrawn[pending] = True
+            positions[pending], bs = _draw(sampler_args, redraw_seed(seed, attempt), first_sample_id + pending,
+                                           None if mask is None else mask[pending], bs)
+        redo, drop = _rejections(positions[pending], system, validity, on_nonfinite, on_invalid, counts)
+        keep[pending[drop]] = False
+        pending = pending[redo]
+        if len(pending) == 0:
+            break
+    keep[pending] = False  # still rejected after max_attempts draws
     seconds = time.perf_counter() - start
     if bar:
         bar.close()
-    positions = torch.cat(out) * _scale(model)
+    positions = positions[keep]
     n_inverted = 0
     if hasattr(system, "canonicalise"):  # e.g. mirror images of a chiral molecule
         positions, n_inverted = system.canonicalise(positions)
-    bad = int((~torch.isfinite(positions)).flatten(1).any(1).sum())
-    if bad:  # keep the run: the caller decides what to do with the broken structures
-        log.warning("digfast: %d of %d samples contain NaN/inf: the model or step count is unstable", bad, n)
+    if on_nonfinite == "keep" and counts["n_nonfinite"]:
+        log.warning("digfast: %d of %d samples contain NaN/inf: the model or step count is unstable",
+                    counts["n_nonfinite"], n)
+    dropped = (first_sample_id + rows[~keep]).tolist()
+    if dropped:
+        log.warning("digfast: dropped %d of %d samples (NaN/inf or invalid; %d after %d draws)",
+                    len(dropped), n, len(pending), max_attempts)
     meta = {
         "sampler": sampler, "steps": steps, "seed": seed, "n": n, "batch_size": bs,
         "first_sample_id": first_sample_id, "device": str(device), "seconds": seconds,
-        "samples_per_second": n / seconds if seconds > 0 else float("inf"),
+        "samples_per_second": len(positions) / seconds if seconds > 0 else float("inf"),
         "score_evals_per_sample": steps * _samplers.EVALS_PER_STEP[sampler],
-        "schedule": model.schedule.config(), "backend": _step_backend(device), "n_nonfinite": bad,
-        "n_inverted": n_inverted,
+        "schedule": model.schedule.config(), "backend": _step_backend(device), **counts,
+        "n_redrawn": int(redrawn.sum()), "n_dropped": len(dropped), "dropped_sample_ids": dropped,
+        "on_nonfinite": on_nonfinite, "on_invalid": on_invalid, "validity": describe_validity(validity),
+        "max_attempts": max_attempts, "n_inverted": n_inverted,
     }
-    return SampleResult(positions=positions, system=system, metadata=meta, mask=mask)
+    return SampleResult(positions=positions, system=system, metadata=meta,
+                        mask=None if mask is None else mask[keep])
+
+
+def _draw(sampler_args, seed: int, sample_ids: torch.Tensor, mask, bs: int):
+    """Samples of the given ids, in system units; halves the batch on out-of-memory (the noise
+    is keyed by sample id, so the result does not change). Returns (positions, batch size)."""
+    model, system, run, score_fn, steps, t_min, device, bar = sampler_args
+    out, lo = [], 0
+    with torch.no_grad():
+        while lo < len(sample_ids):
+            hi = min(len(sample_ids), lo + bs)
+            ids = sample_ids[lo:hi].to(device)
+            m = None if mask is None else mask[lo:hi].to(device)
+            try:
+                x = _samplers.prior_sample(model.schedule, seed, ids, system.n_atoms, system.spatial_dim, m)
+                ctx = _samplers.StepContext(seed, ids, m, on_step=bar.update if bar else None)
+                out.append(run(score_fn, model.schedule, x, steps, ctx, t_min=t_min).cpu())
+            except torch.OutOfMemoryError:
+                if bs == 1:
+                    raise
+                bs = max(1, bs // 2)
+                log.warning("digfast: out of memory; batch size halved to %d", bs)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            lo = hi
+    return torch.cat(out) * _scale(model), bs
+
+
+def _rejections(x, system, validity, on_nonfinite: str, on_invalid: str, counts: dict):
+    """(redraw, drop) bool masks over the structures x; adds to the counts."""
+    finite = torch.isfinite(x).flatten(1).all(1)
+    counts["n_nonfinite"] += int((~finite).sum())
+    invalid = torch.zeros_like(finite)
+    if validity is not None and finite.any():
+        shown = x[finite]
+        if hasattr(system, "canonicalise"):  # judge the structure the caller will get
+            shown = system.canonicalise(shown)[0]
+        invalid[finite] = ~run_check(validity, shown, system)
+        counts["n_invalid"] += int(invalid.sum())
+    redo, drop = torch.zeros_like(finite), torch.zeros_like(finite)
+    for bad, action in ((~finite, on_nonfinite), (invalid, on_invalid)):
+        if action == "redraw":
+            redo |= bad
+        elif action == "drop":
+            drop |= bad
+    return redo, drop
 
 
 def log_likelihood(model, system=None, positions=None, *, divergence: str = "exact", probes: int = 8,
