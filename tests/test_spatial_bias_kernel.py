@@ -5,16 +5,15 @@ tensor): 2 * (error of the same reference run in float32) + 8 * EPS * max|output
 2^-23 -- the kernel may be at most about twice as wrong as plain PyTorch in the kernel's
 precision; the second term keeps a case where torch happens to be exact from demanding
 more than float32 can give (the kernel sums K products and N neighbours in other orders).
-For the forward, that float32 baseline takes its distances as the kernel does, from the
-coordinate differences: torch.cdist's matmul path (N > 25) loses ~1e-4 to cancellation and
-would make the tolerance a thousand times looser than the kernel's real error.
+The reference takes its distances as the kernel does, from the coordinate differences
+(torch.cdist's matmul path, N > 25, would lose ~1e-4 to cancellation and make the tolerance a
+thousand times looser than the kernel's real error).
 Gradients come from the reference itself (recomputed in row chunks), so their baseline is
 the plain float32 reference.
 Outputs are NaN-filled before the kernel runs, so an entry it never writes fails.
 """
 import math
 import os
-from unittest import mock
 
 import pytest
 import torch
@@ -68,11 +67,8 @@ def args_of(case, dtype=None):
 
 
 def float32_baseline(case):
-    """The reference in float32 with distances from coordinate differences (see above)."""
-    cdist = torch.cdist
-    direct = lambda a, b: cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # noqa: E731
-    with mock.patch.object(torch, "cdist", direct):
-        return spatial_bias_reference(*args_of(case, torch.float32))
+    """The reference in float32."""
+    return spatial_bias_reference(*args_of(case, torch.float32))
 
 
 def assert_close_to_float64(name, out, case, index):

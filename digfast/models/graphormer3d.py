@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from digfast.ops.pair_bias_attention import pair_bias_attention
 from digfast.ops.spatial_bias import spatial_bias_reference
 from digfast.ops.vector_head import vector_head_reference
 
@@ -81,7 +82,10 @@ class Layer(nn.Module):
     def forward(self, h, logit_bias):
         b, n, w = h.shape
         q, k, v = self.qkv(self.ln1(h)).reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=logit_bias)
+        # the op, not F.scaled_dot_product_attention: its fused kernels have no forward-mode
+        # derivative, which the likelihood's divergence needs (the op's reference and Triton
+        # backends have one)
+        a = pair_bias_attention(q, k, v, logit_bias)
         h = h + self.out(a.transpose(1, 2).reshape(b, n, w))
         return h + self.ffn(self.ln2(h))
 

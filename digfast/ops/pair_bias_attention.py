@@ -49,6 +49,8 @@ def pair_bias_attention(q, k, v, bias=None, key_mask=None, *, backend=None):
     the fastest available for q's device (the Triton kernel on a GPU, else the reference;
     DIGFAST_BACKEND overrides)."""
     name = _backend.choose("pair_bias_attention", q.device, backend)
+    if backend is None and q.dtype == torch.float64:
+        name = "reference"  # the kernels have no float64 (float64 networks: likelihood checks)
     if name == "reference":
         return pair_bias_attention_reference(q, k, v, bias, key_mask)
     return _backend.impl("pair_bias_attention", name)(q, k, v, bias, key_mask)
