@@ -68,7 +68,7 @@ def topology(system):
     return top
 
 
-def _xyz_nm(positions: torch.Tensor, system) -> np.ndarray:
+def xyz_nm(positions: torch.Tensor, system) -> np.ndarray:
     xyz = positions.detach().to("cpu", torch.float32).numpy()
     if xyz.shape[-1] == 2:
         xyz = np.concatenate([xyz, np.zeros_like(xyz[..., :1])], axis=-1)
@@ -80,7 +80,7 @@ def _xyz_nm(positions: torch.Tensor, system) -> np.ndarray:
 def to_mdtraj(positions: torch.Tensor, system):
     import mdtraj
 
-    return mdtraj.Trajectory(_xyz_nm(positions, system), topology(system))
+    return mdtraj.Trajectory(xyz_nm(positions, system), topology(system))
 
 
 def save(path, positions: torch.Tensor, system, top=None, metadata: dict | None = None) -> list[Path]:
