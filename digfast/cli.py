@@ -10,12 +10,36 @@ from pathlib import Path
 import torch
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _batch_size(text: str):
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {value}")
+    return value
+
+
 def _add_common(p):
     p.add_argument("--model", default="mixture", help="built-in model name (default: mixture)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
-    p.add_argument("--batch-size", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and the C++ ops")
+    p.add_argument("--batch-size", type=_batch_size, default="auto", help="a positive integer or auto")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch and the C++ ops")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -28,13 +52,28 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw an ensemble and report it")
     _add_common(s)
     s.add_argument("--system", default=None, help="sample the shipped model of this system (same as --model)")
-    s.add_argument("-n", type=int, default=2000, help="number of samples")
-    s.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    s.add_argument("-n", type=_positive_int, default=2000, help="number of samples")
+    s.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the model's)")
     s.add_argument("--sampler", default="ancestral", choices=sorted(SAMPLERS))
     s.add_argument("-o", "--output", default=None, help="ensemble file (.xtc/.dcd/.trr/.pdb/.npz)")
     s.add_argument("--plot", default=None, help="PNG against the reference: energy histogram, or the Ramachandran "
                    "free-energy surface for alanine dipeptide")
     s.add_argument("--json", default=None, help="write the report as JSON here")
+    s.add_argument("--out-dir", default=None, help="write the ensemble into this folder as resumable chunk files "
+                   "(needed under torchrun, and for ensembles larger than memory)")
+    s.add_argument("--chunk-size", type=_positive_int, default=None,
+                   help="samples per chunk file (default: about 64 MiB of positions; with --resume: the folder's)")
+    s.add_argument("--resume", action="store_true", help="finish the run in --out-dir, keeping its finished chunks")
+    s.add_argument("--on-nonfinite", default="redraw", choices=["redraw", "drop", "keep"],
+                   help="samples with NaN/inf: redraw with a derived seed (default), drop, or keep")
+    s.add_argument("--max-energy", type=float, default=None, help="reject samples above this energy (kT)")
+    s.add_argument("--min-distance", type=float, default=None,
+                   help="reject samples where atoms more than two bonds apart come closer than this")
+    s.add_argument("--bond-tolerance", type=float, default=None,
+                   help="reject samples with a bond off its reference length by more than this")
+    s.add_argument("--on-invalid", default="drop", choices=["redraw", "drop"],
+                   help="rejected samples: drop (default), or redraw until n valid samples")
+    s.add_argument("--max-attempts", type=_positive_int, default=10, help="draws per sample before it is dropped")
 
     lk = sub.add_parser("likelihood", help="log p of structures along the probability-flow ODE")
     _add_common(lk)
@@ -69,30 +108,67 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+REPORT_MAX_SAMPLES = 200_000  # the report of an on-disk ensemble reads at most this many
+
+
+def _validity(args):
+    from digfast.validity import BondLengths, Clashes, EnergyCutoff, all_of
+
+    return all_of(EnergyCutoff(args.max_energy) if args.max_energy is not None else None,
+                  BondLengths(args.bond_tolerance) if args.bond_tolerance is not None else None,
+                  Clashes(args.min_distance) if args.min_distance is not None else None)
+
+
 def _cmd_sample(args) -> int:
     import digfast
+    from digfast import distributed
+    from digfast.ensemble import sample_ensemble
+    from digfast.io import atomic_write_bytes, check_output_path
     from digfast.report import ensemble_report, format_report, plot_ensemble
 
     if args.output:  # fail before the run, not after it
-        out = Path(args.output)
-        if not out.parent.exists():
-            raise FileNotFoundError(f"output folder {out.parent} does not exist")
-    model = digfast.load(args.system or args.model)
-    result = digfast.sample_batch(model, n=args.n, steps=args.steps, sampler=args.sampler,
-                                  batch_size=args.batch_size, seed=args.seed, device=args.device,
-                                  progress=not args.quiet)
+        check_output_path(args.output)
+    for extra in (args.plot, args.json):
+        if extra and not Path(extra).parent.exists():
+            raise FileNotFoundError(f"output folder {Path(extra).parent} does not exist")
+    if args.resume and not args.out_dir:
+        raise ValueError("--resume needs --out-dir: the folder of the run to finish")
+    ranks = distributed.from_env(args.device)
+    if ranks.world_size > 1 and not args.out_dir:
+        raise ValueError(f"a distributed run ({ranks.world_size} ranks) needs --out-dir for its chunk files")
+    name = args.system or args.model
+    model = digfast.load(name)
+    kw = dict(steps=args.steps, sampler=args.sampler, batch_size=args.batch_size, seed=args.seed,
+              on_nonfinite=args.on_nonfinite, validity=_validity(args), on_invalid=args.on_invalid,
+              max_attempts=args.max_attempts)
+    ensemble = None
+    if args.out_dir:
+        ensemble = sample_ensemble(model, args.out_dir, args.n, model_name=name, chunk_size=args.chunk_size,
+                                   resume=args.resume, device=args.device, ranks=ranks,
+                                   progress=not args.quiet and ranks.is_main, **kw)
+        if not ranks.is_main:
+            return 0
+        result = ensemble.to_result(max_samples=REPORT_MAX_SAMPLES)
+    else:
+        result = digfast.sample_batch(model, n=args.n, device=args.device, progress=not args.quiet, **kw)
     system = result.system
-    reference = system.reference_samples(args.n, seed=args.seed + 1) if hasattr(system, "reference_samples") else None
+    reference = (system.reference_samples(len(result), seed=args.seed + 1)
+                 if hasattr(system, "reference_samples") else None)
     rep = ensemble_report(result, reference)
     print(format_report(rep))
+    if ensemble is not None:
+        print(f"  ensemble           {len(ensemble)} samples in {args.out_dir} ({len(ensemble.chunks)} chunks)")
+    if result.metadata.get("n_dropped") or result.metadata.get("n_redrawn"):
+        print(f"  rejected           {result.metadata['n_nonfinite']} NaN/inf and {result.metadata['n_invalid']} "
+              f"invalid draws; {result.metadata['n_redrawn']} samples redrawn, {result.metadata['n_dropped']} dropped")
     if args.output:
-        for path in result.save(args.output):
+        for path in (ensemble.export(args.output) if ensemble is not None else result.save(args.output)):
             print(f"  wrote              {path}")
     if args.plot:
         print(f"  wrote              {plot_ensemble(result, reference, args.plot)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"report": rep, "metadata": result.metadata}, indent=2, default=str))
-        print(f"  wrote              {args.json}")
+        text = json.dumps({"report": rep, "metadata": result.metadata}, indent=2, default=str)
+        print(f"  wrote              {atomic_write_bytes(args.json, text.encode())}")
     return 0
 
 
@@ -111,7 +187,10 @@ def _cmd_likelihood(args) -> int:
     print(f"digfast: log p of {len(lp)} structures: mean {float(lp.mean()):.4f}  std {float(lp.std()):.4f}  "
           f"({args.divergence}, {args.method} x{args.steps}, {res.n_evals} score calls)")
     if args.output:
-        np.save(args.output, lp.numpy())
+        from digfast.io import atomic_path
+
+        with atomic_path(args.output) as tmp, open(tmp, "wb") as f:
+            np.save(f, lp.numpy())
         print(f"  wrote {args.output}")
     return 0
 
@@ -152,12 +231,10 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    if getattr(args, "batch_size", None) not in (None, "auto"):
-        args.batch_size = int(args.batch_size)
     try:
         commands = {"sample": _cmd_sample, "likelihood": _cmd_likelihood, "train": _cmd_train, "info": _cmd_info}
         return commands[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"digfast: error: {err}", file=sys.stderr)
         return 2
 

@@ -159,7 +159,7 @@ def _write_chunk(folder: Path, chunk: Chunk, result, digest: str) -> None:
         np.savez(f, positions=result.positions.numpy(), sample_ids=ids)
     record = {"index": chunk.index, "file": npz.name, "start": chunk.start, "stop": chunk.stop,
               "n_samples": len(ids), "sha256": sha256_file(npz), "settings_hash": digest,
-              "seconds": meta["seconds"], "dropped_sample_ids": sorted(dropped),
+              "seconds": meta["seconds"], "backend": meta["backend"], "dropped_sample_ids": sorted(dropped),
               **{k: meta[k] for k in COUNTS}}
     _write_json(folder / f"{chunk.stem}.json", record)  # written last: the chunk is done once this exists
 
@@ -179,6 +179,7 @@ def _finish(folder: Path, settings: dict, chunks: list[Chunk]) -> dict:
     totals = {k: sum(r[k] for r in records) for k in COUNTS}
     manifest = {"format": FORMAT, "complete": True, "settings": settings,
                 "n_samples": sum(r["n_samples"] for r in records), **totals,
+                "seconds": sum(r["seconds"] for r in records), "backend": records[0].get("backend"),
                 "chunks": [{k: r[k] for k in ("index", "file", "start", "stop", "n_samples", "sha256")}
                            for r in records]}
     _write_json(folder / MANIFEST, manifest)
@@ -333,8 +334,10 @@ class Ensemble:
     def to_result(self, max_samples: int | None = None):
         from digfast.results import SampleResult
 
+        seconds = self.manifest.get("seconds", 0.0)  # summed over ranks: per-process throughput
         meta = {**self.settings, **self.counts, "n_samples": len(self), "folder": str(self.folder),
-                "samples_per_second": float("nan"), "backend": None}
+                "seconds": seconds, "samples_per_second": len(self) / seconds if seconds else float("nan"),
+                "backend": self.manifest.get("backend")}
         return SampleResult(positions=self.positions(max_samples), system=self.system, metadata=meta)
 
     def export(self, path) -> list[Path]:
