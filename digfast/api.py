@@ -315,3 +315,12 @@ def _progress(enabled: bool, total: int | None, desc: str, unit: str = "step"):
 
 
 _LIKELIHOOD_EVALS = {"euler": 1, "heun": 2, "rk4": 4}  # ODE right-hand sides per fixed step
+
+
+def load_official_protein(path, config=None, *, dtype=torch.float32, device="cpu"):
+    """The DiG protein score model with the weights of a public-layout checkpoint
+    (torch.load(path)["state_dict"], "module." prefixes allowed), loaded strictly: a
+    CheckpointError names every missing, unexpected or mis-shaped key."""
+    from digfast.models.protein.checkpoint import load_official_protein as _load
+
+    return _load(path, config, dtype=dtype, device=device)
