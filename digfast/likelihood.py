@@ -3,13 +3,23 @@
     dx/dt = v(x, t) = f(t) x - 1/2 g(t)^2 s(x, t)
     log p_0(x_0) = log p_T(x_T) + int_0^T div v dt,  div v = D f(t) - 1/2 g(t)^2 div s
 
-with D = d (n_atoms - 1) the dimension of the zero-CoM subspace. div s is exact (one
-backward pass per coordinate) or Hutchinson's estimate with K Rademacher probes, all K
-evaluated as one batched call; the probes stay fixed along the path so the integrand is
-smooth. Integration is fixed-step (euler, heun, rk4) or adaptive Dormand-Prince 5(4).
+with D = d (n_atoms - 1) the dimension of the zero-CoM subspace. div s is exact (the trace of
+the Jacobian over all n_atoms d coordinates) or Hutchinson's estimate with K Rademacher probes;
+the probes stay fixed along the path so the integrand is smooth.
+
+Two ways to get Jacobian-vector products:
+  forward mode ("exact-forward", "hutchinson-forward"): one primal evaluation of the score and
+    all tangents (the K probes, or the n_atoms d coordinate directions) pushed through it at
+    once, torch.func.jvp under torch.func.vmap; nothing is kept for a backward pass;
+  reverse mode ("exact", "hutchinson"; the reference): one backward pass per coordinate of
+    one primal, or the primal repeated K times along the batch and one backward pass.
+"auto" takes forward-mode exact up to AUTO_EXACT_MAX_COORDS coordinates, forward-mode
+Hutchinson above, and the reverse-mode twin if the score function has no forward mode.
+Integration is fixed-step (euler, heun, rk4) or adaptive Dormand-Prince 5(4).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -21,6 +31,14 @@ from digfast.ops.sampler_step import remove_com
 from digfast.schedules import Schedule
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+log = logging.getLogger("digfast")
+
+DIVERGENCES = ("auto", "exact", "hutchinson", "exact-forward", "hutchinson-forward")
+# "auto": exact (no estimator noise) while its n_atoms d tangents cost at most a few times the
+# K = 8 probes of Hutchinson; bench/bench_divergence.py measures the ratio (see its doc).
+AUTO_EXACT_MAX_COORDS = 40
+# tangents pushed through the network at once (bounds memory of forward-mode exact)
+FORWARD_CHUNK = 64
 
 
 @dataclass
@@ -46,9 +64,10 @@ def gaussian_prior_log_prob(x: torch.Tensor, std: float, mask: torch.Tensor | No
 class _Drift:
     """The ODE right-hand side for (x, log-density increment), with its divergence."""
 
-    def __init__(self, score_fn, schedule, mask, divergence, probes):
+    def __init__(self, score_fn, schedule, mask, divergence, probes, fallback=None):
         self.score_fn, self.schedule, self.mask = score_fn, schedule, mask
         self.divergence, self.probes = divergence, probes
+        self.fallback = fallback  # reverse-mode twin if the first forward-mode call fails
         self.n_evals = 0
 
     def _score(self, x, t):
@@ -69,13 +88,56 @@ class _Drift:
     def __call__(self, x, t):
         """(dx/dt, d logdet/dt) at time t."""
         f, g2 = float(self.schedule.drift_coef(t)), float(self.schedule.diffusion2(t))
-        with torch.enable_grad():
-            if self.divergence == "exact":
-                s, div = self._exact(x, t)
-            else:
-                s, div = self._hutchinson(x, t)
+        s, div = self.divergence_at(x, t)
         v = f * x - 0.5 * g2 * s.detach()
         return v, dof(x, self.mask) * f - 0.5 * g2 * div.detach()
+
+    def divergence_at(self, x, t):
+        """(s, div s) at (x, t) by this drift's method."""
+        if self.fallback is not None:  # "auto": forward mode unless the score function lacks it
+            try:
+                out = self._by_method(x, t)
+            except (NotImplementedError, RuntimeError) as err:
+                log.warning("digfast: the score function has no forward mode (%s: %s); "
+                            "divergence by reverse mode (%s)", type(err).__name__,
+                            str(err).splitlines()[0][:200], self.fallback)
+                self.divergence = self.fallback
+            self.fallback = None
+            if self.divergence.endswith("forward"):
+                return out
+        return self._by_method(x, t)
+
+    def _by_method(self, x, t):
+        if self.divergence == "exact-forward":
+            return self._forward(x, t, coordinate_directions(x))
+        if self.divergence == "hutchinson-forward":
+            return self._forward(x, t, self.probes)
+        with torch.enable_grad():
+            if self.divergence == "exact":
+                return self._exact(x, t)
+            return self._hutchinson(x, t)
+
+    def _forward(self, x, t, tangents):
+        """Forward mode: s(x) and sum over tangents v of v . (J v), averaged over the K probes
+        or summed over the coordinate directions (whose v . J v are the diagonal entries)."""
+        x = x.detach()
+        count = tangents.shape[0]
+        total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        s = None
+        for lo in range(0, count, FORWARD_CHUNK):
+            chunk = tangents[lo:lo + FORWARD_CHUNK]
+            s, jv = self.jvps(x, t, chunk)
+            total = total + (chunk * jv).sum(dim=(0, 2, 3))
+        exact = self.divergence == "exact-forward"
+        return s, total if exact else total / count
+
+    def jvps(self, x, t, tangents):
+        """s(x) (B, N, d) and J v for each v of tangents (T, B, N, d): one primal evaluation,
+        the T tangents batched through it by vmap."""
+        with torch.enable_grad():  # forward AD needs grad mode on (the ODE runs in no_grad)
+            def one(v):
+                return torch.func.jvp(lambda y: self._score(y, t), (x,), (v,))
+            return torch.func.vmap(one, out_dims=(None, 0))(tangents)
 
     def _exact(self, x, t):
         x = x.detach().requires_grad_(True)
@@ -95,6 +157,23 @@ class _Drift:
         (g,) = torch.autograd.grad((s * eps).sum(), xk)
         div = (g * eps).sum(dim=(1, 2)).reshape(k, b).mean(0)
         return s[:b], div
+
+
+def coordinate_directions(x: torch.Tensor) -> torch.Tensor:
+    """(N d, B, N, d): the unit vector of each coordinate, the same for every structure (the
+    structures do not interact, so (J e_c)_c of each is its Jacobian's diagonal entry c)."""
+    b, n, d = x.shape
+    eye = torch.eye(n * d, dtype=x.dtype, device=x.device).reshape(n * d, 1, n, d)
+    return eye.expand(n * d, b, n, d)
+
+
+def resolve_divergence(divergence: str, n_coords: int) -> str:
+    """The method that "auto" stands for with n_coords = n_atoms d coordinates; others as given."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if divergence != "auto":
+        return divergence
+    return "exact-forward" if n_coords <= AUTO_EXACT_MAX_COORDS else "hutchinson-forward"
 
 
 def helmert_basis(n: int, dtype=torch.float64) -> torch.Tensor:
@@ -206,25 +285,26 @@ def _check(x, mask):
 
 
 def log_likelihood(score_fn: ScoreFn, schedule: Schedule, x0: torch.Tensor, *, mask=None,
-                   divergence: str = "exact", probes: int = 8, seed: int = 0, sample_ids=None,
+                   divergence: str = "auto", probes: int = 8, seed: int = 0, sample_ids=None,
                    method: str = "rk4", steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
                    t_min: float = 0.0, prior_log_prob: Callable | None = None) -> LikelihoodResult:
     """log p_0(x0) per structure under the model's probability-flow ODE.
 
-    prior_log_prob(x_T) defaults to the schedule's Gaussian prior; pass the exact marginal
-    at t_max to measure the integration error alone.
+    divergence: one of DIVERGENCES (see the module doc); "auto" picks by the number of
+    coordinates. prior_log_prob(x_T) defaults to the schedule's Gaussian prior; pass the exact
+    marginal at t_max to measure the integration error alone.
     """
     _check(x0, mask)
-    if divergence not in ("exact", "hutchinson"):
-        raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
+    chosen = resolve_divergence(divergence, x0.shape[1] * x0.shape[2])
     x = remove_com(x0, mask)
     eps = None
-    if divergence == "hutchinson":
+    if chosen.startswith("hutchinson"):
         if probes < 1:
             raise ValueError(f"probes must be >= 1, got {probes}")
         ids = torch.arange(x.shape[0], device=x.device) if sample_ids is None else sample_ids
         eps = rademacher_probes(probes, seed, ids, x.shape[1:], mask, x.dtype)
-    drift = _Drift(score_fn, schedule, mask, divergence, eps)
+    fallback = chosen.removesuffix("-forward") if divergence == "auto" else None
+    drift = _Drift(score_fn, schedule, mask, chosen, eps, fallback)
     acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     xT, acc = integrate(lambda y, t: drift(y[0], t), (x, acc), t_min, schedule.t_max,
                         method=method, steps=steps, rtol=rtol, atol=atol)
