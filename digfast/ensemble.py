@@ -125,6 +125,8 @@ def _prepare(folder: Path, settings: dict, resume: bool) -> None:
         diff = _differences(found, settings)
         if diff:
             raise EnsembleError(f"cannot resume {folder}: settings differ ({'; '.join(diff)})")
+        for stale in folder.glob(".*.partial-*"):  # temporary files of a killed writer
+            stale.unlink(missing_ok=True)
         return
     leftovers = sorted(p.name for p in folder.glob("chunk-*"))
     if leftovers:
