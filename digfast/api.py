@@ -6,11 +6,13 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from digfast import likelihood as _lik
 from digfast import samplers as _samplers
 from digfast.arguments import check_choice, check_fits_in_memory, check_float, check_int
+from digfast.io import InputError, check_positions
 from digfast.ops.philox import check_seed
 from digfast.results import SampleResult
 from digfast.validity import describe as describe_validity
@@ -43,6 +45,10 @@ def load(name):
     config.json + model.safetensors."""
     from digfast.models.score_model import ScoreModel
 
+    if not isinstance(name, (str, Path)) or not str(name):
+        raise TypeError(f"model name must be a non-empty string or path, got {type(name).__name__} {name!r}")
+    if "\0" in str(name):
+        raise ValueError(f"model name {name!r} contains a NUL byte")
     if name in BUILTIN_MODELS:
         return BUILTIN_MODELS[name]()
     if (WEIGHTS_DIR / str(name) / "config.json").exists():
@@ -253,10 +259,19 @@ def log_likelihood(model, system=None, positions=None, *, divergence: str = "exa
     system = _resolve_system(model, system)
     if positions is None:
         raise ValueError("positions are required")
-    positions = torch.as_tensor(positions)
-    if positions.dim() == 2:
-        positions = positions.unsqueeze(0)
-    if positions.dim() != 3 or positions.shape[1:] != (system.n_atoms, system.spatial_dim):
+    if not torch.is_tensor(positions):
+        try:
+            positions = np.asarray(positions)
+        except ValueError as err:  # ragged nested lists
+            raise InputError(f"positions are not a rectangular array: {err}") from err
+    if positions.ndim == 2:  # one structure
+        positions = positions[None]
+    positions = check_positions(positions)  # real dtype, non-empty, finite: InputError otherwise
+    steps = check_int("steps", steps, minimum=1)
+    probes = check_int("probes", probes, minimum=1)
+    rtol, atol = check_float("rtol", rtol, minimum=0.0), check_float("atol", atol, minimum=0.0)
+    seed = check_seed(check_int("seed", seed))
+    if positions.shape[1:] != (system.n_atoms, system.spatial_dim):
         raise ValueError(f"positions must be (n, {system.n_atoms}, {system.spatial_dim}), "
                          f"got {tuple(positions.shape)}")
     device = _resolve_device(device)

@@ -126,7 +126,7 @@ def load_positions(path, top=None, length_unit_nm: float = 0.1) -> torch.Tensor:
     if path.stat().st_size == 0:
         raise InputError(f"{path.name} is empty")
     if suffix in ARRAY_SUFFIXES:
-        return check_positions(_read_array(path), path.name)
+        return check_positions(_read_array(path), path.name, allow_flat=True)
     if suffix not in TRAJECTORY_SUFFIXES:
         raise InputError(f"{path.name}: unknown format {suffix!r}; read are {sorted(TRAJECTORY_SUFFIXES | ARRAY_SUFFIXES)}")
     if suffix != ".pdb" and top is None:
@@ -160,8 +160,9 @@ def _read_array(path: Path) -> torch.Tensor:
     return data
 
 
-def check_positions(x, name: str = "positions") -> torch.Tensor:
-    """x as a float tensor (n, atoms, dim) with finite entries, or InputError saying what is wrong."""
+def check_positions(x, name: str = "positions", allow_flat: bool = False) -> torch.Tensor:
+    """x as a float tensor (n, atoms, dim) with finite entries, or InputError saying what is wrong.
+    allow_flat also takes (n, atoms * dim) rows, as training data files may hold them."""
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "fiu":
             raise InputError(f"{name}: positions must be real numbers, got dtype {x.dtype}")
@@ -171,12 +172,22 @@ def check_positions(x, name: str = "positions") -> torch.Tensor:
         raise InputError(f"{name}: positions must be real numbers, got dtype {x.dtype}")
     if not x.is_floating_point():
         x = x.to(torch.float32)
+    if allow_flat and x.dim() == 2:
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise InputError(f"{name}: no structures or no coordinates, shape {tuple(x.shape)}")
+        return _check_finite(x, name)
     if x.dim() != 3:
         raise InputError(f"{name}: positions must be (n, atoms, dim), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise InputError(f"{name}: empty system, shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise InputError(f"{name}: no structures, shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise InputError(f"{name}: empty system (no atoms), shape {tuple(x.shape)}")
     if x.shape[2] not in (2, 3):
         raise InputError(f"{name}: positions must be 2-D or 3-D points, got dim {x.shape[2]}")
+    return _check_finite(x, name)
+
+
+def _check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
     bad = ~torch.isfinite(x).flatten(1).all(1)
     if bad.any():
         idx = torch.nonzero(bad).flatten()[:5].tolist()

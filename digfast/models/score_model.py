@@ -7,11 +7,13 @@ digfast.sample_batch / log_likelihood convert to and from the system's units.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from digfast.io import InputError
 from digfast.models.graphormer3d import Graphormer3D, Graphormer3DConfig
 from digfast.ops.sampler_step import remove_com
 from digfast.systems.graph import shortest_paths
@@ -67,10 +69,16 @@ class ScoreModel(nn.Module):
 
         if config.get("architecture") != "graphormer3d":
             raise ValueError(f"unknown architecture {config.get('architecture')!r}")
-        net = Graphormer3D(Graphormer3DConfig(**config["network"]))
-        system = system if system is not None else get_system(config["system"])
-        return cls(net, make_schedule(config["schedule"]), system, config.get("position_scale", 1.0),
-                   config.get("default_steps", 500), config.get("info"))
+        try:
+            net = Graphormer3D(Graphormer3DConfig(**config["network"]))
+            system = system if system is not None else get_system(config["system"])
+            scale = float(config.get("position_scale", 1.0))
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"position_scale must be finite and > 0, got {scale}")
+            return cls(net, make_schedule(config["schedule"]), system, scale, int(config.get("default_steps", 500)),
+                       config.get("info"))
+        except (TypeError, ValueError, KeyError) as err:
+            raise InputError(f"bad model config: {type(err).__name__}: {err}") from err
 
     @classmethod
     def load(cls, folder) -> "ScoreModel":
@@ -81,6 +89,32 @@ class ScoreModel(nn.Module):
             if not (folder / name).exists():
                 raise FileNotFoundError(f"{folder / name} not found: a model folder holds {CONFIG_FILE} "
                                         f"and {WEIGHTS_FILE}")
-        model = cls.from_config(json.loads((folder / CONFIG_FILE).read_text()))
-        model.net.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        model = cls.from_config(_read_config(folder / CONFIG_FILE))
+        try:
+            weights = load_file(str(folder / WEIGHTS_FILE))
+        except Exception as err:  # safetensors raises its own SafetensorError for truncated/garbled files
+            raise InputError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({err})") from err
+        try:
+            model.net.load_state_dict(weights)
+        except RuntimeError as err:  # missing, unexpected or wrongly shaped tensors
+            raise InputError(f"{folder / WEIGHTS_FILE} does not fit {CONFIG_FILE}: {err}") from err
+        broken = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:
+            raise InputError(f"{folder / WEIGHTS_FILE}: NaN/inf in {broken[:3]}")
         return model.eval()
+
+
+def _read_config(path: Path) -> dict:
+    """config.json as a dict with the keys from_config needs, or InputError naming the problem."""
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: must hold a JSON object, got {type(config).__name__}")
+    missing = [k for k in ("architecture", "network", "schedule", "system") if k not in config]
+    if missing:
+        raise InputError(f"{path}: missing {missing}")
+    if not isinstance(config["network"], dict) or not isinstance(config["schedule"], dict):
+        raise InputError(f"{path}: 'network' and 'schedule' must be JSON objects")
+    return config
