@@ -133,20 +133,9 @@ def sample_batch(model, system=None, n: int = 1000, steps: int | None = None, *,
     warning. A sample still rejected after max_attempts draws is dropped. metadata counts
     them and lists the dropped sample ids.
     """
-    system = _resolve_system(model, system)
-    run = _samplers.get_sampler(sampler)
-    n = check_int("n", n, minimum=1)
-    steps = check_int("steps", steps if steps is not None else getattr(model, "default_steps", 500), minimum=1)
-    seed = check_seed(check_int("seed", seed))
-    first_sample_id = check_int("first_sample_id", first_sample_id, minimum=0, maximum=2**32 - n)
-    on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("redraw", "drop", "keep"))
-    on_invalid = check_choice("on_invalid", on_invalid, ("redraw", "drop"))
-    max_attempts = check_int("max_attempts", max_attempts, minimum=1)
-    if validity is not None and not callable(validity):
-        raise TypeError(f"validity must be a callable check(positions, system) -> (n,) bool, got {validity!r}")
-    if t_min is not None:
-        t_min = check_float("t_min", t_min, minimum=0.0, maximum=float(model.schedule.t_max))
-    device = _resolve_device(device)
+    system, run, n, steps, seed, first_sample_id, t_min, device = check_sample_args(
+        model, system, n, steps, sampler, seed, first_sample_id, t_min, device, on_nonfinite, validity, on_invalid,
+        max_attempts, batch_size)
     mask = _check_mask(mask, n, system.n_atoms)
     check_fits_in_memory(f"sample_batch(n={n}) of {system.n_atoms} atoms", 4 * n * system.n_atoms * system.spatial_dim,
                          "write the ensemble to disk in chunks: digfast.ensemble.sample_ensemble or "
@@ -199,6 +188,29 @@ def sample_batch(model, system=None, n: int = 1000, steps: int | None = None, *,
     }
     return SampleResult(positions=positions, system=system, metadata=meta,
                         mask=None if mask is None else mask[keep])
+
+
+def check_sample_args(model, system, n, steps, sampler, seed, first_sample_id, t_min, device, on_nonfinite,
+                      validity, on_invalid, max_attempts, batch_size):
+    """sample_batch's arguments checked (before any work or output), some normalised:
+    (system, sampler function, n, steps, seed, first_sample_id, t_min, device)."""
+    system = _resolve_system(model, system)
+    run = _samplers.get_sampler(check_choice("sampler", sampler, _samplers.SAMPLERS))
+    n = check_int("n", n, minimum=1, maximum=2**32)
+    steps = check_int("steps", steps if steps is not None else getattr(model, "default_steps", 500), minimum=1)
+    seed = check_seed(check_int("seed", seed))
+    first_sample_id = check_int("first_sample_id", first_sample_id, minimum=0, maximum=2**32 - n)
+    check_choice("on_nonfinite", on_nonfinite, ("redraw", "drop", "keep"))
+    check_choice("on_invalid", on_invalid, ("redraw", "drop"))
+    check_int("max_attempts", max_attempts, minimum=1)
+    if validity is not None and not callable(validity):
+        raise TypeError(f"validity must be a callable check(positions, system) -> (n,) bool, got {validity!r}")
+    if hasattr(validity, "check_system"):  # e.g. a bond check on a system without bonds
+        validity.check_system(system)
+    if t_min is not None:
+        t_min = check_float("t_min", t_min, minimum=0.0, maximum=float(model.schedule.t_max))
+    _batch_size(batch_size, 1, system.n_atoms)
+    return system, run, n, steps, seed, first_sample_id, t_min, _resolve_device(device)
 
 
 def _draw(sampler_args, seed: int, sample_ids: torch.Tensor, mask, bs: int):

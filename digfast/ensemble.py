@@ -198,13 +198,14 @@ def sample_ensemble(model, out_dir, n: int, *, model_name: str | None = None, st
     Under torchrun every rank calls this with the same arguments; each draws its round-robin
     share of the chunks, and rank 0 writes the final manifest. resume=True finishes an
     interrupted run with the same settings (chunk_size None: the folder's)."""
-    from digfast.api import _resolve_system, sample_batch
+    from digfast.api import check_sample_args, sample_batch
     from digfast.validity import describe
 
     folder = Path(out_dir)
-    system = _resolve_system(model, None)
-    n = check_int("n", n, minimum=1, maximum=2**32)
-    steps = check_int("steps", steps if steps is not None else getattr(model, "default_steps", 500), minimum=1)
+    # every argument checked before the folder is touched: bad input leaves nothing behind
+    system, _, n, steps, seed, _, t_min, _ = check_sample_args(
+        model, None, n, steps, sampler, seed, 0, t_min, device, on_nonfinite, validity, on_invalid, max_attempts,
+        batch_size)
     if chunk_size is None and resume and (folder / MANIFEST).exists():
         chunk_size = read_manifest(folder)["settings"]["chunk_size"]
     chunk_size = (auto_chunk_size(n, system.n_atoms, system.spatial_dim) if chunk_size is None

@@ -10,6 +10,8 @@ same way, through .bonds and a reference structure).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from digfast.systems.graph import shortest_paths
@@ -20,12 +22,15 @@ class EnergyCutoff:
 
     def __init__(self, max_energy: float):
         self.max_energy = float(max_energy)
-        if self.max_energy != self.max_energy:
+        if math.isnan(self.max_energy):
             raise ValueError("max_energy is NaN")
 
-    def __call__(self, positions, system):
+    def check_system(self, system):
         if not callable(getattr(system, "energy", None)):
             raise TypeError(f"energy cut-off: system {getattr(system, 'name', system)!r} has no energy function")
+
+    def __call__(self, positions, system):
+        self.check_system(system)
         e = torch.as_tensor(system.energy(positions))
         return torch.isfinite(e) & (e <= self.max_energy)
 
@@ -46,15 +51,19 @@ class BondLengths:
     Reference lengths come from reference ((1, N, d) structure) or system.structure()."""
 
     def __init__(self, tolerance: float = 0.5, reference=None):
-        if not tolerance > 0:
+        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
             raise ValueError(f"bond tolerance must be > 0, got {tolerance}")
         self.tolerance, self.reference = float(tolerance), reference
 
+    def check_system(self, system):
+        _bonds(system)
+        if self.reference is None and not callable(getattr(system, "structure", None)):
+            raise TypeError(f"system {getattr(system, 'name', system)!r} has no reference structure for bond lengths")
+
     def __call__(self, positions, system):
+        self.check_system(system)
         i, j = _bonds(system).T
-        ref = self.reference if self.reference is not None else getattr(system, "structure", lambda: None)()
-        if ref is None:
-            raise TypeError(f"system {system.name!r} has no reference structure for bond lengths")
+        ref = self.reference if self.reference is not None else system.structure()
         ref = torch.as_tensor(ref, dtype=torch.float64).reshape(-1, system.n_atoms, system.spatial_dim)[0]
         x = positions.double()
         lengths = (x[:, i] - x[:, j]).norm(dim=-1)
@@ -70,7 +79,7 @@ class Clashes:
     come closer than min_distance."""
 
     def __init__(self, min_distance: float):
-        if not min_distance > 0:
+        if not (isinstance(min_distance, (int, float)) and math.isfinite(min_distance) and min_distance > 0):
             raise ValueError(f"clash distance must be > 0, got {min_distance}")
         self.min_distance = float(min_distance)
 
@@ -101,7 +110,12 @@ def all_of(*checks):
             keep &= run_check(check, positions, system)
         return keep
 
-    combined.checks = checks
+    def check_system(system):
+        for check in checks:
+            if hasattr(check, "check_system"):
+                check.check_system(system)
+
+    combined.checks, combined.check_system = checks, check_system
     return combined
 
 
