@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (device tool): build digfast._C with CUDA in the checkout, check
 # the CUDA and Triton paths against the torch reference, time the step op, the sampler and
-# the spatial-bias kernel.
+# the spatial-bias kernel, the pair-bias attention and the likelihood divergence.
 # Writes JSON and logs under $OUT (default ./gpu_out) and prints short tables.
 #   run: bash bench/gpu_check.sh        (needs torch with CUDA, triton, pybind11, cmake, nvcc)
 set -euo pipefail
@@ -27,3 +27,8 @@ python bench/bench_sampler_step.py --json "$OUT/bench_sampler_step.json" | tee "
 python bench/bench_sampler.py --json "$OUT/bench_sampler.json" | tee "$OUT/bench_sampler.txt"
 python bench/bench_spatial_bias.py --out "$OUT" --backward | tee "$OUT/bench_spatial_bias.txt"
 python bench/bench_pair_bias_attention.py --out "$OUT" | tee "$OUT/bench_pair_bias_attention.txt"
+# Hutchinson K = 8 (forward and reverse mode) against one score evaluation, 12 x 768 at N = 256
+python bench/bench_divergence.py --size reference --atoms 256 \
+  --methods score hutchinson-forward hutchinson --json "$OUT/bench_divergence.json" \
+  | tee "$OUT/bench_divergence.txt"
+python -m pytest -q -p no:cacheprovider tests/test_divergence.py tests/test_backend.py 2>&1 | tail -5 | tee "$OUT/tests_divergence.txt"

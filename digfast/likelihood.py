@@ -34,9 +34,11 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Te
 log = logging.getLogger("digfast")
 
 DIVERGENCES = ("auto", "exact", "hutchinson", "exact-forward", "hutchinson-forward")
-# "auto": exact (no estimator noise) while its n_atoms d tangents cost at most a few times the
-# K = 8 probes of Hutchinson; bench/bench_divergence.py measures the ratio (see its doc).
-AUTO_EXACT_MAX_COORDS = 40
+# "auto": exact (no estimator noise) while its n_atoms d tangents cost at most about twice the
+# K = 8 probes of Hutchinson. bench/bench_divergence.py on a 4 x 64 Graphormer-3D, batch 16, one
+# CPU thread: exact-forward / hutchinson-forward = 1.2 (12 coordinates), 1.8 (24), 4.1 (39),
+# 6.6 (66). So DW-4 and the mixture get exact, LJ-13 and alanine dipeptide Hutchinson.
+AUTO_EXACT_MAX_COORDS = 24
 # tangents pushed through the network at once (bounds memory of forward-mode exact)
 FORWARD_CHUNK = 64
 
