@@ -259,7 +259,7 @@ def _rejections(x, system, validity, on_nonfinite: str, on_invalid: str, counts:
     return redo, drop
 
 
-def log_likelihood(model, system=None, positions=None, *, divergence: str = "exact", probes: int = 8,
+def log_likelihood(model, system=None, positions=None, *, divergence: str = "auto", probes: int = 8,
                    method: str = "rk4", steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
                    seed: int = 0, batch_size="auto", device=None, mask=None, t_min: float | None = None,
                    dtype=torch.float64, prior_log_prob=None, progress: bool = False) -> _lik.LikelihoodResult:

@@ -44,6 +44,7 @@ def _add_common(p):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from digfast.likelihood import DIVERGENCES
     from digfast.samplers import SAMPLERS
 
     ap = argparse.ArgumentParser(prog="digfast", description="Fast DiG sampling and likelihoods.")
@@ -79,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(lk)
     lk.add_argument("input", help="structures: .npz/.npy from digfast, or a trajectory with --top")
     lk.add_argument("--top", default=None)
-    lk.add_argument("--divergence", default="hutchinson", choices=["exact", "hutchinson"])
+    lk.add_argument("--divergence", default="auto", choices=list(DIVERGENCES),
+                    help="auto: forward-mode exact for small systems, forward-mode Hutchinson "
+                         "otherwise; exact / hutchinson are the reverse-mode references")
     lk.add_argument("--probes", type=int, default=8)
     lk.add_argument("--method", default="rk4", choices=["euler", "heun", "rk4", "dopri5"])
     lk.add_argument("--steps", type=int, default=100)

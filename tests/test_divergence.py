@@ -129,3 +129,20 @@ def test_auto_falls_back_to_reverse_mode(rng, caplog):
     exact = log_likelihood(score, LinearVP(), x, steps=3, t_min=1e-3, divergence="exact")
     torch.testing.assert_close(auto.log_prob, exact.log_prob, rtol=0, atol=1e-10)
     assert sum("no forward mode" in r.message for r in caplog.records) == 1
+
+
+def test_cli_likelihood_defaults_to_auto(tmp_path, capsys, mixture, rng):
+    """The likelihood command's default divergence is "auto": on the mixture, the exact one."""
+    import numpy as np
+
+    from digfast.cli import main
+    x = mixture.sample(5, rng)[0].numpy()
+    np.save(tmp_path / "x.npy", x)
+    for divergence in (None, "exact"):
+        extra = [] if divergence is None else ["--divergence", divergence]
+        out = tmp_path / f"lp_{divergence}.npy"
+        assert main(["likelihood", str(tmp_path / "x.npy"), "--steps", "4", "--quiet", "-o",
+                     str(out), *extra]) == 0
+    assert "(auto," in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(tmp_path / "lp_None.npy"), np.load(tmp_path / "lp_exact.npy"),
+                               rtol=0, atol=1e-10)
