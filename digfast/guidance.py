@@ -26,7 +26,7 @@ from digfast.ops.sampler_step import remove_com
 class Guidance:
     predictor: Callable  # predictor(positions (B, N, d) in system units, t (B,)) -> see module doc
     target: float | int | torch.Tensor  # c: a value (gaussian) or class index (classifier)
-    weight: float | Callable = 1.0  # w, or w(t) -> float / (B,) tensor: the schedule
+    weight: float | str | Callable = 1.0  # w; w(t) -> float / (B,) tensor; "signal": alpha^2 / (alpha^2 + sigma^2)
     kind: str = "gaussian"
     std: float = 0.0  # tau: extra Gaussian width of q(c | x_0) beyond the predictor's own
     denoise: bool = False  # predictor trained on clean structures: use the Tweedie x0_hat
@@ -34,10 +34,15 @@ class Guidance:
     def __post_init__(self):
         if self.kind not in ("gaussian", "classifier", "log_prob"):
             raise ValueError(f"guidance kind must be gaussian, classifier or log_prob, got {self.kind!r}")
+        if isinstance(self.weight, str) and self.weight != "signal":
+            raise ValueError(f"weight must be a number, a function of t or 'signal', got {self.weight!r}")
         if self.std < 0:
             raise ValueError(f"std must be >= 0, got {self.std}")
 
-    def weight_at(self, t: torch.Tensor) -> torch.Tensor:
+    def weight_at(self, t: torch.Tensor, schedule=None) -> torch.Tensor:
+        if self.weight == "signal":  # fades out where x_t says little about x_0 (and x0_hat is wild)
+            a2, s2 = schedule.alpha(t) ** 2, schedule.sigma(t) ** 2
+            return (a2 / (a2 + s2)).double()
         w = self.weight(t) if callable(self.weight) else self.weight
         return torch.as_tensor(w, dtype=torch.float64).expand(t.shape[0]).clone()
 
@@ -85,7 +90,7 @@ def guided_score_fn(score_fn, guidance: Guidance, schedule, position_scale: floa
                 base = score_fn(x, t, mask)
                 logq = guidance.log_q(xg * position_scale, t)
             (g,) = torch.autograd.grad(logq.sum(), xg)
-        w = guidance.weight_at(t64).to(x.device, x.dtype)[:, None, None]
+        w = guidance.weight_at(t64, schedule).to(x.device, x.dtype)[:, None, None]
         return base + w * remove_com(g.to(x.dtype), mask)
     return guided
 
@@ -111,14 +116,14 @@ def _tweedie_var(guidance, x0, t, schedule, scale):
 
 
 def pair_distance(i: int, j: int) -> Callable:
-    def f(x, t=None):
-        return (x[:, i] - x[:, j]).norm(dim=-1)
+    def f(x, t=None):  # smooth at zero distance (denoised estimates collapse early on)
+        return ((x[:, i] - x[:, j]).pow(2).sum(-1) + 1e-12).sqrt()
     return f
 
 
 def radius_of_gyration(x, t=None):
     c = x - x.mean(dim=1, keepdim=True)
-    return c.pow(2).sum(-1).mean(-1).sqrt()
+    return (c.pow(2).sum(-1).mean(-1) + 1e-12).sqrt()
 
 
 def parse_property(spec: str) -> Callable:
