@@ -166,7 +166,7 @@ def check_positions(x, name: str = "positions", allow_flat: bool = False) -> tor
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "fiu":
             raise InputError(f"{name}: positions must be real numbers, got dtype {x.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        x = torch.from_numpy(np.asarray(x, order="C"))  # (ascontiguousarray would make 0-d arrays 1-d)
     x = torch.as_tensor(x)
     if x.dtype == torch.bool or x.is_complex():
         raise InputError(f"{name}: positions must be real numbers, got dtype {x.dtype}")

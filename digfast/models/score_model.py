@@ -68,7 +68,7 @@ class ScoreModel(nn.Module):
         from digfast.systems import get_system
 
         if config.get("architecture") != "graphormer3d":
-            raise ValueError(f"unknown architecture {config.get('architecture')!r}")
+            raise InputError(f"unknown architecture {config.get('architecture')!r}")
         try:
             net = Graphormer3D(Graphormer3DConfig(**config["network"]))
             system = system if system is not None else get_system(config["system"])
