@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -310,7 +310,7 @@ class Ensemble:
             try:
                 with np.load(path, allow_pickle=False) as data:
                     ids, x = data["sample_ids"], data["positions"]
-            except (OSError, ValueError, KeyError, EOFError) as err:
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
                 raise EnsembleError(f"{path}: unreadable chunk ({type(err).__name__}: {err})") from err
             if x.dtype != np.float32 or x.ndim != 3 or x.shape[1:] != shape or ids.shape != (len(x),) \
                     or len(x) != c["n_samples"]:

@@ -432,6 +432,14 @@ def rewrite_chunk(array_change):
     return edit
 
 
+def truncate_chunk_keeping_checksum(folder):
+    from digfast.ensemble import sha256_file
+
+    path = folder / "chunk-000000.npz"
+    path.write_bytes(path.read_bytes()[:200])
+    edit_manifest(lambda m: m["chunks"][0].update(sha256=sha256_file(path)))(folder)
+
+
 def flip_byte(folder):
     path = folder / "chunk-000001.npz"
     data = bytearray(path.read_bytes())
@@ -439,7 +447,8 @@ def flip_byte(folder):
     path.write_bytes(bytes(data))
 
 
-READ_ALL = {"chunk-wrong-shape", "chunk-wrong-dtype", "chunk-ids-mismatch", "chunk-no-positions"}
+READ_ALL = {"chunk-wrong-shape", "chunk-wrong-dtype", "chunk-ids-mismatch", "chunk-no-positions",
+            "chunk-truncated-checksum-updated"}
 ENSEMBLE_CASES = [
     ("manifest-not-json", lambda f: (f / "manifest.json").write_text("{"), EnsembleError, "manifest is not valid JSON"),
     ("manifest-list", lambda f: (f / "manifest.json").write_text("[]"), EnsembleError, "must be a JSON object"),
@@ -463,6 +472,7 @@ ENSEMBLE_CASES = [
     ("chunk-ids-mismatch", rewrite_chunk(lambda d: d.update(sample_ids=np.arange(3))), EnsembleError,
      r"with \(3,\) ids"),
     ("chunk-no-positions", rewrite_chunk(lambda d: d.pop("positions")), EnsembleError, "unreadable chunk"),
+    ("chunk-truncated-checksum-updated", truncate_chunk_keeping_checksum, EnsembleError, "unreadable chunk"),
 ]
 for name, edit, exc, match in ENSEMBLE_CASES:  # checksums hold for READ_ALL: only reading the chunk tells
     case(f"ensemble-{name}", exc, match)(damaged(edit, (lambda f: Ensemble(f).positions()) if name in READ_ALL
