@@ -19,7 +19,7 @@ def random_state(cfg: ProteinConfig, gen: torch.Generator, dtype=torch.float32) 
     for name, t in ProteinScoreModel(cfg).state_dict().items():
         w = torch.randn(t.shape, generator=gen, dtype=torch.float64)
         if t.dim() == 2:
-            w = w / t.shape[-1] ** 0.5
+            w = w / (3 * t.shape[-1]) ** 0.5  # the std of torch.nn.Linear default init
         elif name.endswith("weight") and "point_weight" not in name:  # LayerNorm gains
             w = 1.0 + 0.1 * w
         elif "point_weight" not in name:  # biases

@@ -26,6 +26,7 @@ _REGISTRY: dict[str, dict[str, str]] = {
     "spatial_bias": {"triton": "digfast.kernels.spatial_bias:spatial_bias_triton"},
     "pair_bias_attention": {"triton": "digfast.kernels.pair_bias_attention:pair_bias_attention_triton"},
     "fused_vector_head": {"triton": "digfast.kernels.vector_head:fused_vector_head_triton"},
+    "ipa_attention": {"triton": "digfast.kernels.ipa_attention:ipa_attention_triton"},
 }
 
 

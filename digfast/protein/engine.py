@@ -1,0 +1,148 @@
+"""sample_protein: many structures of one protein from a DiG protein model.
+
+Two paths compute the same thing:
+- "fast": digfast.models.protein.fast (per-protein precompute, pair-value rewrite, a batch
+  of samples per call sharing the pair data);
+- "reference": the public way, one structure per network call through the reference model
+  (Linear over all pairs in every layer, pair bias recomputed each step).
+Sample k starts from noise keyed by (seed, k), so results do not depend on batch size; the
+structures can be streamed to disk chunk by chunk (out=...xtc/.pdb/.npz).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from digfast.models.protein.fast import FastProteinModel
+from digfast.models.protein.model import ProteinScoreModel
+from digfast.protein import sampler as _sampler
+from digfast.protein.inputs import check_representations
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp64": torch.float64, "float64": torch.float64}
+
+
+@dataclass
+class ProteinSamples:
+    tr: torch.Tensor                    # (n, L, 3) CA positions / frame translations, Angstrom
+    rot: torch.Tensor                   # (n, L, 3, 3) frame rotations (public IR convention)
+    metadata: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)
+
+    def backbone(self) -> torch.Tensor:
+        """(n, L, 4, 3) N, CA, C, O."""
+        from digfast.protein.backbone import backbone_atoms
+
+        return backbone_atoms(self.tr, self.rot)
+
+    def save(self, path, sequence: str):
+        from digfast.protein.output import save_backbones
+
+        return save_backbones(path, self.tr, self.rot, sequence)
+
+
+def reference_score_fn(model: ProteinScoreModel, single: torch.Tensor, pair: torch.Tensor):
+    """score_fn(tr, rot, step) of the public way: the reference model, one structure per call."""
+    dt = next(model.parameters()).dtype
+    single, pair = single.to(dt)[None], pair.to(dt)[None]
+
+    def score(tr, rot, step):
+        outs = []
+        with torch.no_grad():
+            for b in range(tr.shape[0]):
+                outs.append(model(tr[b:b + 1].to(dt), rot[b:b + 1].to(dt), torch.tensor([step]), single, pair))
+        return torch.cat([o[0] for o in outs]).to(tr.dtype), torch.cat([o[1] for o in outs]).to(tr.dtype)
+    return score
+
+
+def fast_score_fn(fast: FastProteinModel, single: torch.Tensor, pair: torch.Tensor):
+    ctx = fast.context(single, pair)
+    return lambda tr, rot, step: fast(ctx, tr, rot, step), ctx
+
+
+def auto_batch_size(n: int, L: int, cfg, device: torch.device, path: str) -> int:
+    """Structures per call from the memory the transient (B, H, L, L, ...) attention tensors of
+    one structure need: half the free GPU memory, or 2 GB on the CPU."""
+    if path == "reference":
+        return 1
+    per_sample = 4 * cfg.n_heads * L * L * (cfg.qk_points * 4 + 8) + 64 * L * cfg.d_model
+    budget = 2 * 2**30
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free // 2
+    return max(1, min(n, budget // per_sample))
+
+
+def sample_protein(model: ProteinScoreModel, single, pair, n: int = 1, *, sampler: str = "public",
+                   steps: int = 500, seed: int = 0, batch_size="auto", dtype="fp32", device="cpu",
+                   path: str = "fast", out=None, sequence: str | None = None, first_sample_id: int = 0,
+                   progress: bool = False, init=None) -> ProteinSamples:
+    """n structures of the protein with AlphaFold2 representations single (L, 384), pair
+    (L, L, 128). out (.xtc/.pdb/.npz) streams each finished batch to disk (needs sequence).
+    init = (tr (n, L, 3), rot (n, L, 3, 3)) replaces the random start (exact reproduction of a
+    public run from its saved init state)."""
+    if path not in ("fast", "reference"):
+        raise ValueError(f"path must be 'fast' or 'reference', got {path!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if out is not None and sequence is None:
+        raise ValueError("writing structures needs the sequence (topology)")
+    device = torch.device(device)
+    single, pair = check_representations(single, pair)
+    L = single.shape[0]
+    if sequence is not None and len(sequence) != L:
+        raise ValueError(f"sequence has {len(sequence)} residues, the representations {L}")
+    torch_dtype = DTYPES[dtype]
+    if path == "fast":
+        if torch_dtype == torch.float64:
+            raise ValueError("the fast path runs fp32 or bf16; fp64 is the reference path's")
+        fast = FastProteinModel(model.float().to(device), dtype=torch_dtype)
+        score, ctx = fast_score_fn(fast, single.to(device), pair.to(device))
+        state_dtype = torch.float64  # frames and updates in fp64 (L x 12 numbers): no drift
+    else:
+        model = model.to(device, torch_dtype)
+        score = reference_score_fn(model, single.to(device), pair.to(device))
+        state_dtype = torch_dtype
+    bs = auto_batch_size(n, L, model.cfg, device, path) if batch_size in (None, "auto") else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1 or 'auto', got {batch_size}")
+    writer = None
+    if out is not None:
+        from digfast.protein.output import BackboneWriter
+        writer = BackboneWriter(out, sequence)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=-(-n // bs) * steps, desc=f"{sampler} x{steps}", unit="step", leave=False)
+    trs, rots = [], []
+    start = time.perf_counter()
+    try:
+        for lo in range(0, n, bs):
+            ids = torch.arange(first_sample_id + lo, first_sample_id + min(n, lo + bs))
+            if init is not None:
+                tr0 = torch.as_tensor(init[0])[lo:lo + len(ids)].to(device, state_dtype)
+                rot0 = torch.as_tensor(init[1])[lo:lo + len(ids)].to(device, state_dtype)
+            else:
+                tr0, rot0 = _sampler.initial_state(seed, ids, L, dtype=state_dtype, device=device)
+            tr, rot = _sampler.run(score, tr0, rot0, sampler=sampler, steps=steps, seed=seed, sample_ids=ids,
+                                   on_step=bar.update if bar else None)
+            out_dtype = torch.float64 if torch_dtype == torch.float64 else torch.float32
+            tr, rot = tr.cpu().to(out_dtype), rot.cpu().to(out_dtype)
+            if writer is not None:
+                writer.write(tr, rot)
+            trs.append(tr)
+            rots.append(rot)
+    except BaseException:
+        if writer is not None:
+            writer.close(ok=False)
+        raise
+    seconds = time.perf_counter() - start
+    files = writer.close() if writer is not None else []
+    if bar:
+        bar.close()
+    meta = {"sampler": sampler, "steps": steps, "seed": seed, "n": n, "L": L, "batch_size": bs, "path": path,
+            "dtype": dtype, "device": str(device), "seconds": seconds, "structures_per_second": n / seconds,
+            "first_sample_id": first_sample_id}
+    return ProteinSamples(tr=torch.cat(trs), rot=torch.cat(rots), metadata=meta, files=files)
