@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from digfast import cli_property
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -75,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--on-invalid", default="drop", choices=["redraw", "drop"],
                    help="rejected samples: drop (default), or redraw until n valid samples")
     s.add_argument("--max-attempts", type=_positive_int, default=10, help="draws per sample before it is dropped")
+    cli_property.add_guide_args(s)
 
     lk = sub.add_parser("likelihood", help="log p of structures along the probability-flow ODE")
     _add_common(lk)
@@ -107,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=None)
     tr.add_argument("--quiet", action="store_true")
 
+    cli_property.add_parsers(sub)
     sub.add_parser("info", help="versions and which backends this install has")
     return ap
 
@@ -144,6 +148,10 @@ def _cmd_sample(args) -> int:
     kw = dict(steps=args.steps, sampler=args.sampler, batch_size=args.batch_size, seed=args.seed,
               on_nonfinite=args.on_nonfinite, validity=_validity(args), on_invalid=args.on_invalid,
               max_attempts=args.max_attempts)
+    if cli_property.guidance_from_args(args) is not None:
+        if args.out_dir:
+            raise ValueError("--guide does not yet work with --out-dir")
+        kw["guidance"] = cli_property.guidance_from_args(args)
     ensemble = None
     if args.out_dir:
         ensemble = sample_ensemble(model, args.out_dir, args.n, model_name=name, chunk_size=args.chunk_size,
@@ -235,7 +243,8 @@ def main(argv=None) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
-        commands = {"sample": _cmd_sample, "likelihood": _cmd_likelihood, "train": _cmd_train, "info": _cmd_info}
+        commands = {"sample": _cmd_sample, "likelihood": _cmd_likelihood, "train": _cmd_train, "info": _cmd_info,
+                    **cli_property.COMMANDS}
         return commands[args.command](args)
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"digfast: error: {err}", file=sys.stderr)
