@@ -418,17 +418,17 @@ def edit_manifest(change):
     return edit
 
 
-def rewrite_chunk(array_change):
-    """Replace chunk 0's content and fix its checksum in the manifest: only the shape check can tell."""
+def rewrite_chunk(array_change, index=0):
+    """Replace a chunk's content and fix its checksum in the manifest: only the shape check can tell."""
     def edit(folder):
         from digfast.ensemble import sha256_file
 
-        path = folder / "chunk-000000.npz"
+        path = folder / f"chunk-{index:06d}.npz"
         with np.load(path) as d:
             data = dict(d)
         array_change(data)
         np.savez(path, **data)
-        edit_manifest(lambda m: m["chunks"][0].update(sha256=sha256_file(path)))(folder)
+        edit_manifest(lambda m: m["chunks"][index].update(sha256=sha256_file(path)))(folder)
     return edit
 
 
@@ -487,6 +487,10 @@ case("ensemble-reuse-without-resume", FileExistsError, "already holds an ensembl
 case("ensemble-stray-chunks", FileExistsError, "holds chunk files but no manifest.json")(
     damaged(lambda f: (f / "manifest.json").unlink(),
             lambda f: sample_ensemble(model(), f, 10, steps=2, chunk_size=4, model_name="mixture")))
+for suffix in (".xtc", ".dcd", ".npy", ".npz"):  # the export fails on the last chunk, after writing the others
+    case(f"ensemble-export{suffix}-fails-midway-leaves-nothing", EnsembleError, "chunk-000002.npz: expected")(
+        damaged(rewrite_chunk(lambda d: d.update(positions=np.zeros((2, 4, 2), np.float32)), index=2),
+                lambda f, sfx=suffix: Ensemble(f).export(f.parent.parent / "out" / f"ens{sfx}")))
 case("ensemble-export-format", ValueError, "unknown output format '.mol2'")(
     damaged(lambda f: None, lambda f: Ensemble(f).export(f.parent.parent / "out" / "x.mol2")))
 case("ensemble-positions-huge-for-memory", ValueError, "read it chunk by chunk")(
