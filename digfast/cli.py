@@ -162,6 +162,10 @@ def _cmd_sample(args) -> int:
         result = ensemble.to_result(max_samples=REPORT_MAX_SAMPLES)
     else:
         result = digfast.sample_batch(model, n=args.n, device=args.device, progress=not args.quiet, **kw)
+    if len(result) == 0:
+        m = result.metadata
+        raise RuntimeError(f"all {args.n} samples were rejected ({m['n_nonfinite']} NaN/inf and {m['n_invalid']} "
+                           "invalid draws): loosen the validity filters or raise --max-attempts")
     system = result.system
     reference = (system.reference_samples(len(result), seed=args.seed + 1)
                  if hasattr(system, "reference_samples") else None)

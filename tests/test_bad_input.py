@@ -381,6 +381,8 @@ RUN_CASES = [
      "clash distance must be > 0", None),
     ("bond-check-without-bonds", ["sample", "-n", "4", "--quiet", "--bond-tolerance", "0.5", "--out-dir", "{out}/run"],
      "has no bond list", None),
+    ("every-sample-rejected", ["sample", "-n", "3", "--steps", "2", "--quiet", "--max-energy=-1e9", "-o", "{out}/x.xtc"],
+     r"all 3 samples were rejected \(0 NaN/inf and 3 invalid draws\)", None),
     ("out-dir-parent-missing", ["sample", "-n", "4", "--quiet", "--out-dir", "{out}/a/b"], "output folder .* does not exist", None),
     ("out-dir-is-a-file", ["sample", "-n", "4", "--quiet", "--out-dir", "{inp}/file"], "exists and is not a folder",
      lambda tmp: (tmp / "in" / "file").write_text("x")),
