@@ -62,7 +62,7 @@ def from_env(device=None, timeout_s: float = 1800.0) -> Ranks:
     for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise RuntimeError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     owns = False
     if not dist.is_initialized():
         cuda = device is not None and torch.device(device).type == "cuda"

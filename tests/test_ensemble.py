@@ -112,6 +112,15 @@ def test_two_gloo_ranks_draw_the_same_ensemble_as_one_process(tmp_path):
     assert two.counts == one.counts
 
 
+def test_a_refused_folder_stops_every_rank_instead_of_hanging(tmp_path):
+    args = ["sample", "-n", "8", "--steps", "2", "--quiet", "--out-dir", str(tmp_path / "used")]
+    assert main(args) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "digfast", *args], env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "already holds an ensemble" in proc.stderr and "rank 0 could not prepare" in proc.stderr
+
+
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_ensemble(model, tmp_path):
     run = tmp_path / "run"
     args = ["sample", "-n", "300", "--steps", "100", "--seed", "8", "--chunk-size", "10", "--quiet",
