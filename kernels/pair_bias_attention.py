@@ -1,4 +1,4 @@
-"""Pair-bias flash attention in Triton: online softmax over key tiles, forward and backward.
+"""Pair-bias flash attention in Triton: online softmax over key tiles, forward, backward, JVP.
 
 Specification: digfast/ops/pair_bias_attention.py (pair_bias_attention_reference):
     out = softmax(q k^T / sqrt(dh) + bias) v over unpadded keys; rows with no key -> 0.
@@ -36,10 +36,15 @@ ex2.approx on NVIDIA GPUs, within about 2 ulp; numpy's in the interpreter), the
 probabilities are rounded to the 16-bit dtype only as dot operands. Outputs and gradients come
 back in the input dtypes (dbias in the bias's dtype).
 
-Future work: a forward-mode tangent (JVP) path carrying probe tangents of q, k, v and the
-bias along the same tiles (for the batched Hutchinson divergence); there is none yet, so
-torch.func.jvp through this op fails (use the reference). In-tile recomputation of the
-spatial bias instead of reading it is not done here either.
+Forward mode (JVP; the likelihood's batched Hutchinson divergence): with tangents dq, dk, dv,
+dbias, the logits move by ds_ij = (dq_i.k_j + q_i.dk_j) / sqrt(dh) + dbias_ij and
+    d out_i = sum_j p_ij (ds_ij v_j + dv_j) - (sum_j p_ij ds_ij) out_i.
+One kernel, one program per (tangent set, batch * head, query tile), rebuilds p tile by tile
+from the forward's stats (as the backward does, so no rescaling) and accumulates the two sums;
+T tangent sets share the primal (torch.func.vmap over K probes is one launch with T = K: the
+tangent is a Function of its own with a vmap rule). torch.func.jvp, torch.autograd.forward_ad
+and vmap over structures (folded into the batch) all work. In-tile recomputation of the
+spatial bias instead of reading it is not done here.
 
 Works on triton 3.6 .. newest (no tl.make_block_ptr) and under TRITON_INTERPRET=1.
 """
@@ -264,6 +269,92 @@ def _pair_bias_attn_bwd_dq_kernel(
     tl.store(dq_ptr + out_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qo_mask)
 
 
+@triton.jit
+def _pair_bias_attn_jvp_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr,
+    out_ptr,                # (B, H, N, DH) contiguous: the forward's output
+    stats_ptr,              # (2, B, H, N) float32 contiguous: the forward's (m, log2 l)
+    tq_ptr, tk_ptr, tv_ptr,  # (T, B, H, N, DH), any strides: tangents, read when HAS_T*
+    tb_ptr,                 # (T, B, H, N, N), any strides: bias tangent, read when HAS_TB
+    tout_ptr,               # (T, B, H, N, DH) contiguous, output: the output's tangent
+    n_tokens, n_heads, n_rows, scale2, scale,  # n_rows = B * H * N
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bb, stride_bh, stride_bi, stride_bj,
+    stride_tqt, stride_tqb, stride_tqh, stride_tqn, stride_tqd,
+    stride_tkt, stride_tkb, stride_tkh, stride_tkn, stride_tkd,
+    stride_tvt, stride_tvb, stride_tvh, stride_tvn, stride_tvd,
+    stride_tbt, stride_tbb, stride_tbh, stride_tbi, stride_tbj,
+    DH: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TB: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # axis 0: tangent * batch * heads; the primal is shared by the T tangents
+    tbh = tl.program_id(0).to(tl.int64)
+    n_bh = n_rows // n_tokens
+    t = tbh // n_bh
+    bh = tbh % n_bh
+    b = bh // n_heads
+    h = bh % n_heads
+    i = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D_PAD)
+    i_in = i < n_tokens
+    d_in = d < DH
+    i64 = i.to(tl.int64)
+    qo_mask = i_in[:, None] & d_in[None, :]
+    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, i, stride_qn, d, stride_qd, qo_mask)
+    tq = tl.zeros((BLOCK_M, D_PAD), dtype=q.dtype)
+    if HAS_TQ:
+        tq = _load_rows(tq_ptr + t * stride_tqt + b * stride_tqb + h * stride_tqh, i, stride_tqn,
+                        d, stride_tqd, qo_mask).to(q.dtype)
+    row_max, log2_sum = _row_stats(stats_ptr, bh * n_tokens, n_rows, i, i_in)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    bias_base = bias_ptr + b * stride_bb + h * stride_bh
+    tk_base = tk_ptr + t * stride_tkt + b * stride_tkb + h * stride_tkh
+    tv_base = tv_ptr + t * stride_tvt + b * stride_tvb + h * stride_tvh
+    tb_base = tb_ptr + t * stride_tbt + b * stride_tbb + h * stride_tbh
+
+    # acc = sum_j p_ij (ds_ij v_j + dv_j), g = sum_j p_ij ds_ij, with the final p (from the
+    # forward's statistics): no rescaling, and the tangent is acc - g out
+    acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    g = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for j0 in range(0, n_tokens, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        j_in = j < n_tokens
+        kv_mask = j_in[:, None] & d_in[None, :]
+        k = _load_rows(k_base, j, stride_kn, d, stride_kd, kv_mask)
+        v = _load_rows(v_base, j, stride_vn, d, stride_vd, kv_mask)
+        s = _logits(q, k, bias_base, mask_ptr, b, i, j, i_in, j_in, n_tokens, scale2,
+                    stride_bi, stride_bj, HAS_BIAS, HAS_MASK, DOT_PRECISION)
+        p = tl.exp2((s - row_max[:, None]) - log2_sum[:, None])   # 0 on dropped keys
+        ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_TQ:
+            ds += tl.dot(tq, tl.trans(k), input_precision=DOT_PRECISION)
+        if HAS_TK:
+            tk = _load_rows(tk_base, j, stride_tkn, d, stride_tkd, kv_mask).to(q.dtype)
+            ds += tl.dot(q, tl.trans(tk), input_precision=DOT_PRECISION)
+        ds = ds * scale
+        if HAS_TB:
+            tb_off = i64[:, None] * stride_tbi + j.to(tl.int64)[None, :] * stride_tbj
+            ds += tl.load(tb_base + tb_off, mask=i_in[:, None] & j_in[None, :],
+                          other=0.0).to(tl.float32)
+        pds = tl.where(p > 0.0, p * ds, 0.0)  # a dropped key adds nothing, whatever its ds
+        g += tl.sum(pds, axis=1)
+        acc += tl.dot(pds.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if HAS_TV:
+            tv = _load_rows(tv_base, j, stride_tvn, d, stride_tvd, kv_mask).to(v.dtype)
+            acc += tl.dot(p.to(v.dtype), tv, input_precision=DOT_PRECISION)
+
+    o_off = (bh * n_tokens + i64)[:, None] * DH + d[None, :]
+    out = tl.load(out_ptr + o_off, mask=qo_mask, other=0.0).to(tl.float32)
+    tout = acc - g[:, None] * out
+    t_off = ((tbh * n_tokens + i64)[:, None]) * DH + d[None, :]
+    tl.store(tout_ptr + t_off, tout.to(tout_ptr.dtype.element_ty), mask=qo_mask)
+
+
 def padded(n: int) -> int:
     """The head dim padded for tl.dot: a power of two, at least 16."""
     return max(16, triton.next_power_of_2(n))
@@ -387,23 +478,108 @@ def pair_bias_attention_backward_into(dq, dk, dv, dbias, q, k, v, bias, key_mask
     return dq, dk, dv, dbias
 
 
-class PairBiasAttentionTriton(torch.autograd.Function):
-    """Forward and backward: the flash kernels above (no forward-mode derivative yet)."""
+def pair_bias_attention_jvp_into(tout, q, k, v, bias, key_mask, out, stats, tq, tk, tv, tbias):
+    """Launch the tangent kernel: tout (T, B, H, N, dh) contiguous (q's dtype) receives, for
+    each of T tangent sets, d out = sum_j p_ij (ds_ij (v_j - out_i) + dv_j) with
+    ds_ij = (dq_i.k_j + q_i.dk_j) / sqrt(dh) + dbias_ij. The tangents tq, tk, tv
+    (T, B, H, N, dh) and tbias (T, B, H, N, N) have any strides (stride 0 over T for one shared
+    by all); None for an input without one. out and stats are the forward's."""
+    check_inputs(q, k, v, bias, key_mask)
+    B, H, N, DH = q.shape
+    T = tout.shape[0]
+    if tuple(tout.shape) != (T, *q.shape) or not tout.is_contiguous():
+        raise ValueError(f"tout must be contiguous (T, {B}, {H}, {N}, {DH}), got {tuple(tout.shape)}")
+    for name, t, shape in (("tq", tq, q.shape), ("tk", tk, q.shape), ("tv", tv, q.shape),
+                           ("tbias", tbias, (B, H, N, N))):
+        if t is not None and tuple(t.shape) != (T, *shape):
+            raise ValueError(f"{name} must have shape {(T, *shape)}, got {tuple(t.shape)}")
+    if tbias is not None and bias is None:
+        raise ValueError("a bias tangent needs a bias")
+    if stats.shape != (2, B, H, N) or not stats.is_contiguous() or not out.is_contiguous():
+        raise ValueError(f"out and stats must be the forward's contiguous outputs")
+    if T * B * H == 0:
+        return tout
+    bias_arg, mask_arg, scale, strides, meta = _common(q, k, v, bias, key_mask)
+    tangents = [t if t is not None else q for t in (tq, tk, tv)]  # placeholders, never read
+    t_strides = [x for t in (tq, tk, tv) for x in _strides(t, 5)] + list(_strides(tbias, 5))
+    _pair_bias_attn_jvp_kernel[(T * B * H, triton.cdiv(N, meta["BLOCK_M"]))](
+        q, k, v, bias_arg, mask_arg, out, stats, *tangents,
+        tbias if tbias is not None else q, tout, N, H, B * H * N, scale * 1.4426950408889634,
+        scale, *strides, *t_strides, HAS_TQ=tq is not None, HAS_TK=tk is not None,
+        HAS_TV=tv is not None, HAS_TB=tbias is not None, **meta)
+    return tout
+
+
+def _tangent(q, k, v, bias, key_mask, out, stats, tangents, count):
+    """count sets of tangents (each (count, ...) or None) -> d out (count, B, H, N, dh)."""
+    tout = torch.empty((count, *q.shape), dtype=q.dtype, device=q.device)
+    return pair_bias_attention_jvp_into(tout, q, k, v, bias, key_mask, out, stats, *tangents)
+
+
+class PairBiasAttentionTangent(torch.autograd.Function):
+    """The output's tangent given the primal, its forward outputs and the input tangents; a
+    Function of its own so that torch.func.vmap over tangents (K Hutchinson probes) becomes one
+    launch over K tangent sets sharing the primal (its vmap rule), not K launches."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, key_mask):
+    def forward(q, k, v, bias, key_mask, out, stats, tq, tk, tv, tbias):
+        tangents = [None if t is None else t.unsqueeze(0) for t in (tq, tk, tv, tbias)]
+        return _tangent(q, k, v, bias, key_mask, out, stats, tangents, 1)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, bias, key_mask, out, stats, tq, tk, tv, tbias):
+        if any(d is not None for d in in_dims[:7]):
+            raise NotImplementedError("pair_bias_attention_triton: vmap over the primal inputs "
+                                      "of a forward-mode derivative (only over tangents)")
+        tangents = [None if t is None else (t.movedim(d, 0) if d is not None
+                                            else t.expand(info.batch_size, *t.shape))
+                    for t, d in zip((tq, tk, tv, tbias), in_dims[7:])]
+        return _tangent(q, k, v, bias, key_mask, out, stats, tangents, info.batch_size), 0
+
+
+def _fold(args, in_dims, size):
+    """vmap's dimension folded into the batch axis (0) of each tensor; None stays None."""
+    folded = []
+    for t, d in zip(args, in_dims):
+        if t is None:
+            folded.append(None)
+            continue
+        t = t.movedim(d, 0) if d is not None else t.expand(size, *t.shape)
+        folded.append(t.reshape(size * t.shape[1], *t.shape[2:]))
+    return folded
+
+
+class PairBiasAttentionTriton(torch.autograd.Function):
+    """Forward, backward and forward-mode derivative (jvp): the flash kernels above."""
+
+    @staticmethod
+    def forward(q, k, v, bias, key_mask):
         check_inputs(q, k, v, bias, key_mask)  # before the shapes are used
         B, H, N, _ = q.shape
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         stats = torch.empty(2, B, H, N, dtype=torch.float32, device=q.device)
         pair_bias_attention_forward_into(out, stats, q, k, v, bias, key_mask)
+        return out, stats
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, bias, key_mask = inputs
+        out, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no (B, H, N, N) zeros for an absent bias tangent
         ctx.save_for_backward(q, k, v, bias, key_mask, out, stats)
-        return out
+        ctx.save_for_forward(q, k, v, bias, key_mask, out, stats)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_stats):
         q, k, v, bias, key_mask, out, stats = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None, None
         dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
         dbias = None
         if bias is not None and ctx.needs_input_grad[3]:
@@ -414,8 +590,28 @@ class PairBiasAttentionTriton(torch.autograd.Function):
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
                 dbias, None)
 
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, tbias, _tmask):
+        q, k, v, bias, key_mask, out, stats = ctx.saved_tensors
+        if tbias is not None and tbias.dtype != bias.dtype:
+            tbias = tbias.to(bias.dtype)
+        tout = PairBiasAttentionTangent.apply(q, k, v, bias, key_mask, out, stats, tq, tk, tv,
+                                              tbias)
+        return tout, None
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, bias, key_mask):
+        """vmap over structures (e.g. torch.func.jacrev): its dimension joins the batch."""
+        size = info.batch_size
+        args = _fold((q, k, v, bias, key_mask), in_dims, size)
+        batch = args[0].shape[0] // size
+        out, stats = PairBiasAttentionTriton.apply(*args)
+        return ((out.reshape(size, batch, *out.shape[1:]),
+                 stats.reshape(2, size, batch, *stats.shape[2:])), (0, 1))
+
 
 def pair_bias_attention_triton(q, k, v, bias=None, key_mask=None):
     """softmax(q k^T / sqrt(dh) + bias) v over unpadded keys, (B, H, N, dh): the flash kernels
-    (see the module doc); differentiable in q, k, v and the bias."""
-    return PairBiasAttentionTriton.apply(q, k, v, bias, key_mask)
+    (see the module doc); differentiable in q, k, v and the bias, in reverse and forward mode
+    (torch.func.jvp, torch.autograd.forward_ad; vmap over tangents is one launch)."""
+    return PairBiasAttentionTriton.apply(q, k, v, bias, key_mask)[0]

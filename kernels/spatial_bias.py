@@ -19,6 +19,8 @@ reference in chunks of query rows (spatial_bias_rows_reference) and differentiat
 so gradients for x and every parameter are exact to the reference's, with memory bounded
 by BACKWARD_CHUNK_ELEMENTS. A fused backward kernel (recomputing phi in-tile, reducing
 the weight gradients per program) is future work.
+Forward mode (torch.func.jvp, forward_ad, vmap over tangents or structures): the reference's
+JVP in the same row chunks.
 
 Works on triton 3.6 .. newest (no tl.make_block_ptr) and under TRITON_INTERPRET=1.
 """
@@ -264,14 +266,60 @@ class SpatialBiasTriton(torch.autograd.Function):
     """Forward: the fused kernel. Backward: the reference recomputed row chunk by row chunk."""
 
     @staticmethod
-    def forward(ctx, x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask):
+    def forward(x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask):
         B, N, _ = x.shape
         bias = torch.empty(B, b2.shape[0], N, N, dtype=x.dtype, device=x.device)
         node = torch.empty(B, N, means.shape[0], dtype=x.dtype, device=x.device)
         spatial_bias_forward_into(bias, node, x, pair_type, mul, add, means, stds, w1, b1, w2, b2,
                                   mask)
-        ctx.save_for_backward(x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask)
         return bias, node
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # an absent tangent or gradient stays None
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        """Forward mode by the reference, row chunk by row chunk (as the backward)."""
+        x, pair_type, *params, mask = ctx.saved_tensors
+        positions = (0, 2, 3, 4, 5, 6, 7, 8, 9)  # x and the parameters
+        moving = [n for n, pos in enumerate(positions) if tangents[pos] is not None]
+        primals = [x, *params]
+        B, N, _ = x.shape
+        step = backward_chunk_rows(B, N, max(params[2].shape[0], params[7].shape[0]))
+        bias_parts, node_parts = [], []
+        for r0 in range(0, N, step):
+            rows = slice(r0, min(r0 + step, N))
+
+            def chunk(*args):
+                a = list(primals)
+                for n, t in zip(moving, args):
+                    a[n] = t
+                return spatial_bias_rows_reference(a[0], rows, pair_type, *a[1:], mask=mask)
+            _, (tb, tn) = torch.func.jvp(chunk, tuple(primals[n] for n in moving),
+                                         tuple(tangents[positions[n]] for n in moving))
+            bias_parts.append(tb)
+            node_parts.append(tn)
+        return torch.cat(bias_parts, dim=2), torch.cat(node_parts, dim=1)
+
+    @staticmethod
+    def vmap(info, in_dims, x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask):
+        """vmap over structures (x, pair_type, mask): its dimension joins the batch."""
+        if any(d is not None for d in in_dims[2:10]):
+            raise NotImplementedError("spatial_bias_triton: vmap over the parameters")
+        size = info.batch_size
+        folded = []
+        for t, d in zip((x, pair_type, mask), (in_dims[0], in_dims[1], in_dims[10])):
+            if t is not None:
+                t = t.movedim(d, 0) if d is not None else t.expand(size, *t.shape)
+                t = t.reshape(size * t.shape[1], *t.shape[2:])
+            folded.append(t)
+        bias, node = SpatialBiasTriton.apply(folded[0], folded[1], mul, add, means, stds, w1, b1,
+                                             w2, b2, folded[2])
+        return ((bias.reshape(size, -1, *bias.shape[1:]), node.reshape(size, -1, *node.shape[1:])),
+                (0, 0))
 
     @staticmethod
     @once_differentiable

@@ -23,9 +23,10 @@ q, k, bias, x and vw may have any strides (the bias may be expanded over the bat
 Backward: a torch.autograd.Function whose backward recomputes the reference
 (fused_vector_head_rows_reference) chunk by chunk of query rows and differentiates that:
 exact, memory bounded by BACKWARD_CHUNK_ELEMENTS, gradients for q, k, bias, x and vw.
+Forward mode (torch.func.jvp, forward_ad, vmap over tangents or structures): the reference's
+JVP chunk by chunk of query rows, like the backward.
 Future work: a fused backward kernel (recomputing p and u tile by tile from saved row
-statistics), and a forward-mode (JVP) path; torch.func.jvp through this op fails for now
-(use the reference).
+statistics) and a fused tangent kernel.
 
 Works under TRITON_INTERPRET=1 (the tests run it so on the CPU).
 """
@@ -239,12 +240,55 @@ class FusedVectorHeadTriton(torch.autograd.Function):
     rows (exact; a fused backward kernel is future work)."""
 
     @staticmethod
-    def forward(ctx, q, k, bias, x, vw, key_mask):
+    def forward(q, k, bias, x, vw, key_mask):
         check_inputs(q, k, bias, x, vw, key_mask)
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         fused_vector_head_forward_into(out, q, k, bias, x, vw, key_mask)
-        ctx.save_for_backward(q, k, bias, x, vw, key_mask)
         return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # an absent tangent stays None
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        """Forward mode by the reference, chunk by chunk of query rows (as the backward)."""
+        q, k, bias, x, vw, key_mask = ctx.saved_tensors
+        moving = [n for n in range(5) if tangents[n] is not None]
+        primals = [q, k, bias, x, vw]
+        B, H, N, DH = q.shape
+        step = backward_chunk_rows(B, H, N, max(DH, x.shape[2]))
+        parts = []
+        for r0 in range(0, N, step):
+            rows = slice(r0, min(r0 + step, N))
+
+            def chunk(*args):
+                a = list(primals)
+                for n, t in zip(moving, args):
+                    a[n] = t
+                cq, ck, cb, cx, cv = a
+                # cx[:, rows] is a slice of the same x: u_ii stays exactly 0
+                return fused_vector_head_rows_reference(
+                    cq[:, :, rows], ck, None if cb is None else cb[:, :, rows], cx[:, rows], cx,
+                    cv, key_mask)
+            parts.append(torch.func.jvp(chunk, tuple(primals[n] for n in moving),
+                                        tuple(tangents[n] for n in moving))[1])
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, bias, x, vw, key_mask):
+        """vmap over structures: its dimension joins the batch (axis 0 of every input)."""
+        size = info.batch_size
+        folded = []
+        for t, d in zip((q, k, bias, x, vw, key_mask), in_dims):
+            if t is not None:
+                t = t.movedim(d, 0) if d is not None else t.expand(size, *t.shape)
+                t = t.reshape(size * t.shape[1], *t.shape[2:])
+            folded.append(t)
+        out = FusedVectorHeadTriton.apply(*folded)
+        return out.reshape(size, -1, *out.shape[1:]), 0
 
     @staticmethod
     @once_differentiable
