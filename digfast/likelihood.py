@@ -97,9 +97,11 @@ class _Drift:
     def divergence_at(self, x, t):
         """(s, div s) at (x, t) by this drift's method."""
         if self.fallback is not None:  # "auto": forward mode unless the score function lacks it
+            evals = self.n_evals
             try:
                 out = self._by_method(x, t)
             except (NotImplementedError, RuntimeError) as err:
+                self.n_evals = evals  # the failed call is not an evaluation
                 log.warning("digfast: the score function has no forward mode (%s: %s); "
                             "divergence by reverse mode (%s)", type(err).__name__,
                             str(err).splitlines()[0][:200], self.fallback)

@@ -146,3 +146,26 @@ def test_cli_likelihood_defaults_to_auto(tmp_path, capsys, mixture, rng):
     assert "(auto," in capsys.readouterr().out
     np.testing.assert_allclose(np.load(tmp_path / "lp_None.npy"), np.load(tmp_path / "lp_exact.npy"),
                                rtol=0, atol=1e-10)
+
+
+def test_shipped_score_model_auto_equals_exact():
+    """A trained Graphormer-3D ScoreModel (DW-4, 8 coordinates: "auto" is forward-mode exact)
+    through digfast.log_likelihood, the network in float64."""
+    model = digfast.load("dw4")
+    model.net.double()
+    x = digfast.sample_batch(model, n=3, steps=20, progress=False, seed=4).positions
+    kw = dict(positions=x, steps=3, dtype=torch.float64)
+    auto = digfast.log_likelihood(model, **kw)
+    exact = digfast.log_likelihood(model, divergence="exact", **kw)
+    assert torch.isfinite(auto.log_prob).all()
+    torch.testing.assert_close(auto.log_prob, exact.log_prob, rtol=0, atol=1e-9)
+    assert auto.n_evals == exact.n_evals
+
+
+def test_fallback_does_not_count_the_failed_call(rng):
+    x = torch.randn(2, 3, 3, generator=rng, dtype=torch.float64)
+
+    def score(y, t, mask=None):
+        return -y / (1 + torch.cdist(y, y).mean((-1, -2)))[:, None, None]
+    res = log_likelihood(score, LinearVP(), x, steps=2, method="euler", t_min=1e-3)
+    assert res.n_evals == 2
