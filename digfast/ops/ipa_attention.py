@@ -25,13 +25,25 @@ def _acc(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def point_distance_sum(qp, kp):
+    """sum_p |qp_ip - kp_jp|, (B, H, L, L), from qp, kp (B, H, L, P, 3). Difference form, one
+    coordinate at a time on contiguous (B, H, P, L, L) tensors (not the Gram trick, whose
+    cancellation loses digits when points are far from the origin)."""
+    q = qp.permute(0, 1, 3, 4, 2)  # (B, H, P, 3, L)
+    k = kp.permute(0, 1, 3, 4, 2)
+    sq = None
+    for x in range(3):
+        d = q[:, :, :, x, :, None] - k[:, :, :, x, None, :]
+        sq = d.square_() if sq is None else sq.add_(d.square_())
+    return sq.sqrt_().sum(2)
+
+
 def ipa_logits(q, k, qp, kp, point_weight, bias, key_mask=None):
     """(B, H, L, L) logits in float32 (float64 for float64 q) (see module docstring)."""
     acc = _acc(q)
     s = q.to(acc) @ k.to(acc).transpose(-1, -2)
-    # |qp_i - kp_j| per point: (B, H, L, L, P); difference form (not the Gram trick) for accuracy
-    dist = (qp[:, :, :, None] - kp[:, :, None, :]).norm(dim=-1).sum(-1)
-    s = s + point_weight.view(1, -1, 1, 1).to(acc) * dist.to(acc) + bias.to(acc)
+    s = s + point_weight.view(1, -1, 1, 1).to(acc) * point_distance_sum(qp.to(acc), kp.to(acc))
+    s = s + bias.to(acc)
     if key_mask is not None:
         s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     return s
