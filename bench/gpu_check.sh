@@ -32,3 +32,17 @@ python bench/bench_divergence.py --size reference --atoms 256 \
   --methods score hutchinson-forward hutchinson --json "$OUT/bench_divergence.json" \
   | tee "$OUT/bench_divergence.txt"
 python -m pytest -q -p no:cacheprovider tests/test_divergence.py tests/test_backend.py 2>&1 | tail -5 | tee "$OUT/tests_divergence.txt"
+
+# DiG protein (issue 5): fused IPA attention kernel on the GPU, then structures/s of the public
+# 500-step sampler, public-style (one structure per call, fp32, Linear over all pairs) against
+# the fast path in the same run (L = 64, 256, 512, 1000; bf16 and fp32 fast paths), peak GPU
+# memory in the JSON. Targets: L = 256 bf16 >= 100x the public-style path and >= 10 structures/s;
+# L = 1000 runs on one 80 GB GPU.
+python -m pytest -q -p no:cacheprovider tests/test_protein_ipa_kernel.py tests/test_protein_fast.py \
+  tests/test_protein_sampler.py 2>&1 | tail -5 | tee "$OUT/tests_protein.txt"
+python bench/protein.py --device cuda --lengths 64 256 --dtype bf16 --batch auto --steps 5 \
+  --json "$OUT/bench_protein_bf16.json" | tee "$OUT/bench_protein_bf16.txt"
+python bench/protein.py --device cuda --lengths 256 --dtype fp32 --batch auto --steps 5 \
+  --json "$OUT/bench_protein_fp32.json" | tee "$OUT/bench_protein_fp32.txt"
+python bench/protein.py --device cuda --lengths 512 1000 --dtype bf16 --batch auto --steps 3 \
+  --json "$OUT/bench_protein_large.json" | tee "$OUT/bench_protein_large.txt"
