@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from digfast import cli_property
+from digfast import cli_property, cli_protein
 
 
 def _positive_int(text: str) -> int:
@@ -111,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true")
 
     cli_property.add_parsers(sub)
+    cli_protein.add_parsers(sub)
     sub.add_parser("info", help="versions and which backends this install has")
     return ap
 
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         commands = {"sample": _cmd_sample, "likelihood": _cmd_likelihood, "train": _cmd_train, "info": _cmd_info,
-                    **cli_property.COMMANDS}
+                    **cli_property.COMMANDS, **cli_protein.COMMANDS}
         return commands[args.command](args)
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"digfast: error: {err}", file=sys.stderr)
