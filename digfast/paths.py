@@ -35,19 +35,26 @@ class ReactionPath:
     def save(self, path, top=None):
         return io.save(path, self.positions, self.system, top=top, metadata=self.metadata)
 
+    def arc_length(self) -> torch.Tensor:
+        """(n_points,) distance travelled in configuration space, normalised to 0 .. 1."""
+        steps = (self.positions[1:] - self.positions[:-1]).flatten(1).norm(dim=1).double()
+        s = torch.cat([steps.new_zeros(1), steps.cumsum(0)])
+        return s / s[-1].clamp_min(1e-300)
+
     def plot(self, path, reference=None):
-        """PNG of the energy along the path; reference: (fractions, energies, label) to overlay."""
+        """PNG of the energy against arc length along the path; reference: (arc fractions,
+        energies, label) to overlay, e.g. a minimum-energy path's."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(self.fractions, self.energies, "o-", ms=3, label="model latent path")
+        ax.plot(self.arc_length(), self.energies, "o-", ms=3, label="model latent path")
         if reference is not None:
             f, e, label = reference
             ax.plot(f, e, "-", color="k", lw=1, label=label)
-        ax.set_xlabel("fraction along path")
+        ax.set_xlabel("arc length along path (fraction)")
         ax.set_ylabel("energy / kT")
         ax.legend(frameon=False)
         fig.tight_layout()

@@ -80,7 +80,7 @@ def dw4_path(out_dir: Path):
                      "points": len(p.fractions), "round_trip_error": p.metadata["round_trip_error"]})
         if interp == "spherical":
             p.save(out_dir / "dw4_path.pdb")
-            frac = torch.linspace(0, 1, len(mep.energies))
+            frac = torch.linspace(0, 1, len(mep.energies))  # the string's images are equally spaced
             p.plot(out_dir / "dw4_path.png", reference=(frac, mep.energies, "string method (MEP)"))
     return rows
 
