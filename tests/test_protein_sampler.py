@@ -200,3 +200,45 @@ def test_sample_protein_rejects_bad_arguments(rng):
         sample_protein(model, x["single"], x["pair"], steps=2, sequence="AAA")
     with pytest.raises(ValueError, match=r"pair must be \(4, 4, 128\)"):
         sample_protein(model, x["single"], x["pair"][:3], steps=2)
+
+
+def test_graph_step_coefficients_are_the_eager_update(rng):
+    """The CUDA-graph step applies tr += c_tr T_eps, R <- exp(c_rot IR_eps) R with coefficients
+    from step_coefficients: the same update as sampler.run, step by step (CPU check of the
+    arithmetic; the capture itself runs on a GPU)."""
+    from digfast.protein.graph import GraphedSampler, step_coefficients
+    for name in ("public", "ode"):
+        coef = step_coefficients(sampler.ProteinSchedule(), 50, name)
+        tr = torch.randn(2, 4, 3, generator=rng, dtype=torch.float64) * 20
+        rot = so3.uniform_rotations(torch.randn(2, 4, 4, generator=rng, dtype=torch.float64))
+        T_eps = torch.randn(2, 4, 3, generator=rng, dtype=torch.float64)
+        IR_eps = torch.randn(2, 4, 3, generator=rng, dtype=torch.float64)
+        for k in (0, 17, 49):
+            want = sampler.run(lambda a, b, s: (T_eps, IR_eps), tr, rot, sampler=name, steps=50, start=k, stop=k + 1)
+            torch.testing.assert_close(tr + coef[k, 0] * T_eps, want[0], rtol=1e-13, atol=1e-12)
+            torch.testing.assert_close(so3.expmap(coef[k, 1] * IR_eps) @ rot, want[1], rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="deterministic samplers"):
+        GraphedSampler(None, None, 1, sampler="sde")
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        GraphedSampler(None, None, 1, device="cpu")
+
+
+def test_sample_protein_keep_false_streams_only(tmp_path, rng):
+    model = random_model(SMALL, rng)
+    x = random_inputs(1, 4, rng)
+    res = sample_protein(model, x["single"], x["pair"], n=3, steps=2, batch_size=2, out=tmp_path / "e.npz",
+                         sequence="AAAA", keep=False)
+    assert res.tr.shape[0] == 0 and np.load(tmp_path / "e.npz")["tr"].shape == (3, 4, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cuda_graph_matches_eager(rng):
+    model = random_model(SMALL, rng)
+    x = random_inputs(1, 37, rng)
+    kw = dict(n=5, steps=500, sampler="public", seed=2, device="cuda", batch_size=5)
+    eager = sample_protein(model, x["single"], x["pair"], cuda_graph=False, **kw)
+    graphed = sample_protein(model, x["single"], x["pair"], **kw)
+    assert graphed.metadata["cuda_graph"] and not eager.metadata["cuda_graph"]
+    torch.testing.assert_close(graphed.tr, eager.tr, rtol=0, atol=1e-4)
+    torch.testing.assert_close(graphed.rot, eager.rot, rtol=0, atol=1e-5)

@@ -18,6 +18,7 @@ import torch
 from digfast.models.protein.fast import FastProteinModel
 from digfast.models.protein.model import ProteinScoreModel
 from digfast.protein import sampler as _sampler
+from digfast.protein.graph import GRAPH_SAMPLERS, GraphedSampler
 from digfast.protein.inputs import check_representations
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -78,11 +79,15 @@ def auto_batch_size(n: int, L: int, cfg, device: torch.device, path: str) -> int
 def sample_protein(model: ProteinScoreModel, single, pair, n: int = 1, *, sampler: str = "public",
                    steps: int = 500, seed: int = 0, batch_size="auto", dtype="fp32", device="cpu",
                    path: str = "fast", out=None, sequence: str | None = None, first_sample_id: int = 0,
-                   progress: bool = False, init=None) -> ProteinSamples:
+                   progress: bool = False, init=None, cuda_graph: bool = True,
+                   keep: bool = True) -> ProteinSamples:
     """n structures of the protein with AlphaFold2 representations single (L, 384), pair
     (L, L, 128). out (.xtc/.pdb/.npz) streams each finished batch to disk (needs sequence).
     init = (tr (n, L, 3), rot (n, L, 3, 3)) replaces the random start (exact reproduction of a
-    public run from its saved init state)."""
+    public run from its saved init state). On a GPU the fast path captures the step of the
+    deterministic samplers ("public", "ode") in a CUDA graph (cuda_graph=False: eager).
+    keep=False returns no structures (only the files written): for ensembles larger than
+    memory."""
     if path not in ("fast", "reference"):
         raise ValueError(f"path must be 'fast' or 'reference', got {path!r}")
     if dtype not in DTYPES:
@@ -117,6 +122,9 @@ def sample_protein(model: ProteinScoreModel, single, pair, n: int = 1, *, sample
         from tqdm.auto import tqdm
         bar = tqdm(total=-(-n // bs) * steps, desc=f"{sampler} x{steps}", unit="step", leave=False)
     trs, rots = [], []
+    graphs = {}
+    use_graph = (cuda_graph and path == "fast" and device.type == "cuda"
+                 and sampler in GRAPH_SAMPLERS)
     start = time.perf_counter()
     try:
         for lo in range(0, n, bs):
@@ -126,14 +134,20 @@ def sample_protein(model: ProteinScoreModel, single, pair, n: int = 1, *, sample
                 rot0 = torch.as_tensor(init[1])[lo:lo + len(ids)].to(device, state_dtype)
             else:
                 tr0, rot0 = _sampler.initial_state(seed, ids, L, dtype=state_dtype, device=device)
-            tr, rot = _sampler.run(score, tr0, rot0, sampler=sampler, steps=steps, seed=seed, sample_ids=ids,
-                                   on_step=bar.update if bar else None)
+            if use_graph:
+                if len(ids) not in graphs:
+                    graphs[len(ids)] = GraphedSampler(fast, ctx, len(ids), sampler=sampler, steps=steps, device=device)
+                tr, rot = graphs[len(ids)].run(tr0, rot0, on_step=bar.update if bar else None)
+            else:
+                tr, rot = _sampler.run(score, tr0, rot0, sampler=sampler, steps=steps, seed=seed, sample_ids=ids,
+                                       on_step=bar.update if bar else None)
             out_dtype = torch.float64 if torch_dtype == torch.float64 else torch.float32
             tr, rot = tr.cpu().to(out_dtype), rot.cpu().to(out_dtype)
             if writer is not None:
                 writer.write(tr, rot)
-            trs.append(tr)
-            rots.append(rot)
+            if keep:
+                trs.append(tr)
+                rots.append(rot)
     except BaseException:
         if writer is not None:
             writer.close(ok=False)
@@ -144,5 +158,7 @@ def sample_protein(model: ProteinScoreModel, single, pair, n: int = 1, *, sample
         bar.close()
     meta = {"sampler": sampler, "steps": steps, "seed": seed, "n": n, "L": L, "batch_size": bs, "path": path,
             "dtype": dtype, "device": str(device), "seconds": seconds, "structures_per_second": n / seconds,
-            "first_sample_id": first_sample_id}
+            "first_sample_id": first_sample_id, "cuda_graph": use_graph}
+    if not keep:
+        return ProteinSamples(tr=torch.empty(0, L, 3), rot=torch.empty(0, L, 3, 3), metadata=meta, files=files)
     return ProteinSamples(tr=torch.cat(trs), rot=torch.cat(rots), metadata=meta, files=files)

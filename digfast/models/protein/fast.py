@@ -88,14 +88,19 @@ class FastProteinModel:
         """Raw outputs (T_eps, IR_eps), each (B, L, 3), for frames T (B, L, 3), IR (B, L, 3, 3)
         of the context's protein at one step index (shared by the batch)."""
         with torch.no_grad():
-            return self._forward(ctx, T, IR, step, padding)
+            return self.forward_embedded(ctx, T, IR, self.step_embeddings([step], T.device)[0], padding)
 
-    def _forward(self, ctx, T, IR, step, padding):
+    def step_embeddings(self, steps, device) -> torch.Tensor:
+        """(len(steps), d_model) float32 embeddings of step indices (a table for a whole run)."""
+        return step_embedding(torch.as_tensor(steps, device=device), self.cfg.d_model, self.cfg.max_period)
+
+    def forward_embedded(self, ctx, T, IR, emb, padding=None):
+        """As __call__, with the step given by its embedding emb (d_model,) (a tensor, so that
+        a captured CUDA graph can be replayed for every step with new contents)."""
         cfg, m = self.cfg, self.model
         B, L = T.shape[:2]
         H, c, Pq, Pv = cfg.n_heads, cfg.head_dim, cfg.qk_points, cfg.v_points
         d = cfg.d_model
-        emb = step_embedding(torch.tensor([step], device=T.device), d, cfg.max_period)
         x = (ctx.x1d + emb).expand(B, L, d).float()
         Tf, IRf = T.float(), IR.float()
         key_mask = None
