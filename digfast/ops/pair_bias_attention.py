@@ -9,7 +9,9 @@ NaN of a 0/0 softmax. This is Graphormer-3D's F.scaled_dot_product_attention(q, 
 attn_mask=bias) with the padding given as a mask instead of -inf in the bias.
 
 pair_bias_attention() dispatches between this reference (the CPU default and the test
-oracle) and the flash-style Triton kernel (kernels/pair_bias_attention.py) on a GPU.
+oracle) and the flash-style Triton kernel (kernels/pair_bias_attention.py) on a GPU. Both
+differentiate in reverse and forward mode (torch.func.jvp / vmap, for the likelihood's
+divergence); float64 inputs always take the reference.
 """
 from __future__ import annotations
 
