@@ -60,6 +60,9 @@ class Guidance:
             var = var + std**2
         if extra_var is not None:
             var = var + extra_var
+        if not torch.isfinite(var).all() or not torch.isfinite(mean).all():
+            raise FloatingPointError(f"guidance predictor gave NaN/inf at t = {float(t.reshape(-1)[0]):.3g}: the "
+                                     "denoised structure runs away at high noise; try weight='signal'")
         if not torch.all(var > 0):
             raise ValueError("Gaussian guidance needs a width: give std > 0 or a predictor returning (mean, std)")
         c = torch.as_tensor(self.target, dtype=mean.dtype, device=mean.device)
