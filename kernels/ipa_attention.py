@@ -7,7 +7,7 @@ The pair data (bias (H, L, L), z (L, L, DP)) are one protein's, shared by the ba
 
 Two kernels, neither materialising (B, H, L, L):
 1. _ipa_rows_kernel, one program per (b * h, block of BLOCK_M queries), flash-style over key
-   tiles: logits in-tile (scalar dot and point distances on the CUDA cores, pair bias read
+   tiles: logits in-tile (q.k by tl.dot, point distances on the CUDA cores, pair bias read
    from the shared (H, L, L) tile), online softmax in base 2, o_scalar and o_point by tl.dot;
    stores the row statistics (m, l).
 2. _ipa_pair_kernel, one program per (query i, block of BLOCK_R rows of (b, h)): rebuilds
@@ -37,7 +37,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _logits2(q_ptr, k_ptr, qp_ptr, kp_ptr, bias_ptr, mask_ptr, w,
              q_row, k_row, qp_row, kp_row, bias_off, b, j, j_in, row_in, n_tokens,
              C: tl.constexpr, P: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Base-2 logits of a (R, BLOCK_N) tile: R rows (query rows or (b, h) rows), keys j.
+    """Base-2 logits of a (R, BLOCK_N) tile of R (b, h) rows for one query, keys j (the pair
+    kernel's: each row has its own keys, so q.k is a row-wise sum on the CUDA cores).
     q_row / qp_row: (R,) offsets of each row's query vector / points; k_row / kp_row: (R, 1)
     offsets of each row's key block start (+ j * C or j * 3P added here); bias_off (R, N)."""
     s = tl.zeros(bias_off.shape, dtype=tl.float32)
@@ -47,11 +48,11 @@ def _logits2(q_ptr, k_ptr, qp_ptr, kp_ptr, bias_ptr, mask_ptr, w,
         kc = tl.load(k_ptr + k_row + j[None, :] * C + c, mask=both, other=0.0).to(tl.float32)
         s += qc[:, None] * kc
     dist = tl.zeros(bias_off.shape, dtype=tl.float32)
-    for p in tl.static_range(P):
+    for pt in tl.static_range(P):
         sq = tl.zeros(bias_off.shape, dtype=tl.float32)
         for x in tl.static_range(3):
-            qx = tl.load(qp_ptr + qp_row + 3 * p + x, mask=row_in, other=0.0)
-            kx = tl.load(kp_ptr + kp_row + j[None, :] * (3 * P) + 3 * p + x, mask=both, other=0.0)
+            qx = tl.load(qp_ptr + qp_row + 3 * pt + x, mask=row_in, other=0.0)
+            kx = tl.load(kp_ptr + kp_row + j[None, :] * (3 * P) + 3 * pt + x, mask=both, other=0.0)
             d = qx[:, None] - kx
             sq += d * d
         dist += tl.sqrt(sq)
@@ -92,20 +93,35 @@ def _ipa_rows_kernel(
     acc_s = tl.zeros((BLOCK_M, C_PAD), dtype=tl.float32)
     acc_p = tl.zeros((BLOCK_M, PV3_PAD), dtype=tl.float32)
     key0 = bh * n_tokens
+    q = tl.load(q_ptr + rows[:, None] * C + cc[None, :], mask=i_in[:, None] & (cc[None, :] < C), other=0.0)
     for j0 in range(0, n_tokens, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         j_in = j < n_tokens
-        bias_off = h * n_tokens * n_tokens + i.to(tl.int64)[:, None] * n_tokens + j[None, :]
-        s = _logits2(q_ptr, k_ptr, qp_ptr, kp_ptr, bias_ptr, mask_ptr, w,
-                     rows * C, tl.zeros((BLOCK_M, 1), dtype=tl.int64) + key0 * C,
-                     rows * (3 * P), tl.zeros((BLOCK_M, 1), dtype=tl.int64) + key0 * (3 * P),
-                     bias_off, b, j, j_in, i_in, n_tokens, C, P, HAS_MASK)
+        keys = key0 + j.to(tl.int64)
+        k = tl.load(k_ptr + keys[:, None] * C + cc[None, :], mask=j_in[:, None] & (cc[None, :] < C), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)       # (BLOCK_M, BLOCK_N)
+        dist = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for pt in tl.static_range(P):
+            sq = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for x in tl.static_range(3):
+                qx = tl.load(qp_ptr + rows * (3 * P) + 3 * pt + x, mask=i_in, other=0.0)
+                kx = tl.load(kp_ptr + keys * (3 * P) + 3 * pt + x, mask=j_in, other=0.0)
+                d = qx[:, None] - kx[None, :]
+                sq += d * d
+            dist += tl.sqrt(sq)
+        both = i_in[:, None] & j_in[None, :]
+        bias = tl.load(bias_ptr + h * n_tokens * n_tokens + i.to(tl.int64)[:, None] * n_tokens + j[None, :],
+                       mask=both, other=0.0).to(tl.float32)
+        s = (s + w[:, None] * dist + bias) * LOG2E
+        keep = both
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_ptr + b * n_tokens + j, mask=j_in, other=0) != 0)[None, :]
+        s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_use)
         p = tl.exp2(s - m_use[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        keys = key0 + j.to(tl.int64)
         v = tl.load(v_ptr + keys[:, None] * C + cc[None, :], mask=j_in[:, None] & (cc[None, :] < C), other=0.0)
         acc_s = acc_s * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         vp = tl.load(vp_ptr + keys[:, None] * PV3 + vv[None, :], mask=j_in[:, None] & (vv[None, :] < PV3), other=0.0)

@@ -138,3 +138,45 @@ def test_gpu_triton_matches_reference(shape, dtype):
         err = float((g.double().cpu() - r64).abs().max())
         tol = 2 * float((rl.double().cpu() - r64).abs().max()) + floor * float(r64.abs().max())
         assert err <= tol, f"{err:.3e} > {tol:.3e} ({dtype})"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("DIGFAST_COMPILE_CHECKS") != "1",
+                    reason="~90 s of CPU: set DIGFAST_COMPILE_CHECKS=1")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_triton_kernels_compile_for_gpus(dtype):
+    """Compile (not run) both kernels for sm_80 and sm_90 at the full-size shapes (c = 24,
+    4 / 8 points, d_pair 256): catches type and lowering errors without a GPU. Opt-in
+    (DIGFAST_COMPILE_CHECKS=1): the unrolled point and channel loops take ~90 s to compile on
+    a small CPU."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as err:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {err}")
+    from digfast.kernels import ipa_attention as ipa
+    fp, f32 = f"*{dtype}", "*fp32"
+    cfg = ipa.launch_config(256, 4 * 32)
+    common = dict(C=24, P=4, HAS_MASK=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    kernels = [
+        (ipa._ipa_rows_kernel,
+         {"q_ptr": fp, "k_ptr": fp, "v_ptr": fp, "qp_ptr": f32, "kp_ptr": f32, "vp_ptr": f32, "w_ptr": f32,
+          "bias_ptr": fp, "mask_ptr": "*i8", "os_ptr": f32, "op_ptr": f32, "stats_ptr": f32,
+          "n_tokens": "i32", "n_heads": "i32", "n_rows": "i32"},
+         dict(common, C_PAD=32, PV3=24, PV3_PAD=32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])),
+        (ipa._ipa_pair_kernel,
+         {"q_ptr": fp, "k_ptr": fp, "qp_ptr": f32, "kp_ptr": f32, "w_ptr": f32, "bias_ptr": fp, "mask_ptr": "*i8",
+          "z_ptr": fp, "stats_ptr": f32, "oz_ptr": f32, "n_tokens": "i32", "n_heads": "i32", "n_bh": "i32",
+          "n_rows": "i32"},
+         dict(common, DP=256, DP_PAD=256, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"])),
+    ]
+    for kernel, signature, constexprs in kernels:
+        try:
+            src = ASTSource(kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs)
+        except TypeError as err:
+            pytest.skip(f"ASTSource API differs in triton {triton.__version__}: {err}")
+        for arch in (80, 90):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": cfg["num_warps"]})
+            assert compiled.asm["ptx"]
