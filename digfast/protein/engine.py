@@ -64,11 +64,17 @@ def fast_score_fn(fast: FastProteinModel, single: torch.Tensor, pair: torch.Tens
 
 
 def auto_batch_size(n: int, L: int, cfg, device: torch.device, path: str) -> int:
-    """Structures per call from the memory the transient (B, H, L, L, ...) attention tensors of
-    one structure need: half the free GPU memory, or 2 GB on the CPU."""
+    """Structures per call from the transient memory one structure needs (the reference
+    attention's (H, L, L, ...) tensors, or with the fused kernel per-residue activations
+    only): half the free GPU memory, or 2 GB on the CPU."""
     if path == "reference":
         return 1
-    per_sample = 4 * cfg.n_heads * L * L * (cfg.qk_points * 4 + 8) + 64 * L * cfg.d_model
+    from digfast.ops import _backend
+
+    if _backend.choose("ipa_attention", device) == "reference":  # (B, H, L, L, ...) transients
+        per_sample = 4 * cfg.n_heads * L * L * (cfg.qk_points * 4 + 8) + 64 * L * cfg.d_model
+    else:  # fused kernel: per-residue activations and the (H, L, d_pair) pair sums only
+        per_sample = 4 * L * (16 * cfg.d_model + 2 * cfg.n_heads * cfg.d_pair)
     budget = 2 * 2**30
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

@@ -5,7 +5,8 @@ Per protein (ProteinContext, from the reference model's weights):
 - z = x2d_proj(pair) + relative-position embedding, (L, L, d_pair): shared, never copied
   per sample;
 - every layer's pair bias (1/sqrt 3) W_b z, (layers, H, L, L);
-- the single features x1d_proj(single), (L, d); the step embedding is added per step.
+- the single features x1d_proj(single), (L, d); the step embedding is added per step, so
+  layer 0's input is the same for every structure of a batch and is projected once.
 Per step, for a batch of B structures of the protein:
 - the pair-value output uses the exact rewrite
       sum_j a_hij (W_v z_ij)_h = W_v,h (sum_j a_hij z_ij)
@@ -109,8 +110,13 @@ class FastProteinModel:
             key_mask = ~(padding & ~padding.all(dim=1, keepdim=True))
         sizes = [d, d, d, H * Pq * 3, H * Pq * 3, H * Pv * 3]
         for li, layer in enumerate(m.st_module.encoder.layers):
-            h = F.layer_norm(x, (d,), layer.norm1.weight, layer.norm1.bias).to(self.dtype)
-            q, k, v, qp, kp, vp = (h @ self.w_in[li].T).split(sizes, dim=-1)
+            if li == 0:  # layer 0's input is the same for every structure: project it once
+                h = F.layer_norm(x[:1], (d,), layer.norm1.weight, layer.norm1.bias).to(self.dtype)
+                proj = (h @ self.w_in[li].T).expand(B, L, -1)
+            else:
+                h = F.layer_norm(x, (d,), layer.norm1.weight, layer.norm1.bias).to(self.dtype)
+                proj = h @ self.w_in[li].T
+            q, k, v, qp, kp, vp = proj.split(sizes, dim=-1)
             qp = global_points(qp.float().view(B, L, H, Pq, 3), Tf, IRf)
             kp = global_points(kp.float().view(B, L, H, Pq, 3), Tf, IRf)
             vp = global_points(vp.float().view(B, L, H, Pv, 3), Tf, IRf)
