@@ -10,6 +10,7 @@ structures can be streamed to disk chunk by chunk (out=...xtc/.pdb/.npz).
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -53,9 +54,20 @@ def reference_score_fn(model: ProteinScoreModel, single: torch.Tensor, pair: tor
         outs = []
         with torch.no_grad():
             for b in range(tr.shape[0]):
-                outs.append(model(tr[b:b + 1].to(dt), rot[b:b + 1].to(dt), torch.tensor([step]), single, pair))
+                outs.append(model(tr[b:b + 1].to(dt), rot[b:b + 1].to(dt), torch.tensor([step], device=tr.device),
+                                  single, pair))
         return torch.cat([o[0] for o in outs]).to(tr.dtype), torch.cat([o[1] for o in outs]).to(tr.dtype)
     return score
+
+
+def _on(model: ProteinScoreModel, device: torch.device, dtype) -> ProteinScoreModel:
+    """model on device in dtype: itself when it already is, else a copy (the caller's model
+    is left as it was)."""
+    p = next(model.parameters())
+    same_device = p.device.type == device.type and (device.index is None or p.device.index == device.index)
+    if same_device and p.dtype == dtype:
+        return model.eval()
+    return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
 
 
 def fast_score_fn(fast: FastProteinModel, single: torch.Tensor, pair: torch.Tensor):
@@ -109,11 +121,11 @@ def sample_protein(model: ProteinScoreModel, single, pair, n: int = 1, *, sample
     if path == "fast":
         if torch_dtype == torch.float64:
             raise ValueError("the fast path runs fp32 or bf16; fp64 is the reference path's")
-        fast = FastProteinModel(model.float().to(device), dtype=torch_dtype)
+        fast = FastProteinModel(_on(model, device, torch.float32), dtype=torch_dtype)
         score, ctx = fast_score_fn(fast, single.to(device), pair.to(device))
         state_dtype = torch.float64  # frames and updates in fp64 (L x 12 numbers): no drift
     else:
-        model = model.to(device, torch_dtype)
+        model = _on(model, device, torch_dtype)
         score = reference_score_fn(model, single.to(device), pair.to(device))
         state_dtype = torch_dtype
     bs = auto_batch_size(n, L, model.cfg, device, path) if batch_size in (None, "auto") else int(batch_size)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from digfast.models.protein.config import N_STEPS, ROT_SIGMA_MAX, ROT_SIGMA_MIN, TR_SIGMA_MAX, TR_SIGMA_MIN
-from digfast.ops.philox import STREAM_PRIOR, STREAM_STEP, philox_normal
+from digfast.ops.philox import STEP_NONE, STREAM_PRIOR, STREAM_STEP, philox_normal
 from digfast.protein import so3
 
 SAMPLERS = ("public", "sde", "ode", "dpm2m")
@@ -96,7 +96,7 @@ def initial_state(seed: int, sample_ids: torch.Tensor, L: int, schedule: Protein
                   dtype=torch.float32, device="cpu"):
     """Sample k's start: tr ~ N(0, tr_max^2) per residue, Haar-uniform rotations, from noise
     keyed by (seed, k) (independent of batch composition)."""
-    z = philox_normal(seed, sample_ids.cpu(), 0xFFFFFFFF, STREAM_PRIOR, 7 * L).double().view(-1, L, 7)
+    z = philox_normal(seed, sample_ids.cpu(), STEP_NONE, STREAM_PRIOR, 7 * L).double().view(-1, L, 7)
     tr = schedule.tr_max * z[..., :3]
     rot = so3.uniform_rotations(z[..., 3:])
     return tr.to(device, dtype), rot.to(device, dtype)
