@@ -34,13 +34,17 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Te
 log = logging.getLogger("digfast")
 
 DIVERGENCES = ("auto", "exact", "hutchinson", "exact-forward", "hutchinson-forward")
-# "auto": exact (no estimator noise) while its n_atoms d tangents cost at most about twice the
-# K = 8 probes of Hutchinson. bench/bench_divergence.py on a 4 x 64 Graphormer-3D, batch 16, one
-# CPU thread: exact-forward / hutchinson-forward = 1.2 (12 coordinates), 1.8 (24), 4.1 (39),
-# 6.6 (66). So DW-4 and the mixture get exact, LJ-13 and alanine dipeptide Hutchinson.
-AUTO_EXACT_MAX_COORDS = 24
-# tangents pushed through the network at once (bounds memory of forward-mode exact)
-FORWARD_CHUNK = 64
+# "auto": exact while it is the cheaper way to a usable log p. bench/bench_divergence.py (4 x 64
+# Graphormer-3D, batch 16, one CPU thread): exact-forward costs about 0.7 (coords / 8) times
+# Hutchinson with K = 8 (1.25x at 12 coordinates, 5.7x at 66). But K = 8 leaves log p of the
+# shipped models scattered by ~6 nats (LJ-13, 39 coordinates) and ~100 nats (alanine dipeptide,
+# 66) between probe draws (bench/RESULTS.md); reaching ~1 nat takes hundreds of probes, more
+# than the exact trace. So exact up to 192 coordinates (64 atoms in 3-D, ~17x the cost of
+# Hutchinson-8), Hutchinson for larger systems, where exact grows as n_atoms.
+AUTO_EXACT_MAX_COORDS = 192
+# tangents x structures x atom pairs pushed through the network at once: bounds the memory of
+# forward-mode exact (a Graphormer keeps ~K Gaussians + H heads floats per pair and tangent)
+FORWARD_PAIR_BUDGET = 1 << 21
 
 
 @dataclass
@@ -128,8 +132,9 @@ class _Drift:
         count = tangents.shape[0]
         total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         s = None
-        for lo in range(0, count, FORWARD_CHUNK):
-            chunk = tangents[lo:lo + FORWARD_CHUNK]
+        step = max(1, FORWARD_PAIR_BUDGET // (x.shape[0] * x.shape[1] ** 2))
+        for lo in range(0, count, step):
+            chunk = tangents[lo:lo + step]
             s, jv = self.jvps(x, t, chunk)
             total = total + (chunk * jv).sum(dim=(0, 2, 3))
         exact = self.divergence == "exact-forward"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import digfast
+from digfast import likelihood
 from digfast.likelihood import (AUTO_EXACT_MAX_COORDS, _Drift, log_likelihood, rademacher_probes,
                                 resolve_divergence)
 from digfast.models.graphormer3d import Graphormer3D, Graphormer3DConfig
@@ -169,3 +170,16 @@ def test_fallback_does_not_count_the_failed_call(rng):
         return -y / (1 + torch.cdist(y, y).mean((-1, -2)))[:, None, None]
     res = log_likelihood(score, LinearVP(), x, steps=2, method="euler", t_min=1e-3)
     assert res.n_evals == 2
+
+
+def test_forward_exact_in_chunks_equals_one_chunk(rng, graphormer, monkeypatch):
+    """A memory budget that splits the 18 directions into chunks changes nothing but the
+    number of calls."""
+    x, mask = _inputs(rng, 2, 6, masked=True)
+    whole = _drift(graphormer, mask, "exact-forward")
+    _, expected = whole.divergence_at(x, 0.6)
+    monkeypatch.setattr(likelihood, "FORWARD_PAIR_BUDGET", 2 * 36 * 5)  # 5 directions a call
+    chunked = _drift(graphormer, mask, "exact-forward")
+    _, got = chunked.divergence_at(x, 0.6)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert (whole.n_evals, chunked.n_evals) == (1, 4)
