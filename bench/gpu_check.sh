@@ -31,7 +31,8 @@ python bench/bench_pair_bias_attention.py --out "$OUT" | tee "$OUT/bench_pair_bi
 python bench/bench_divergence.py --size reference --atoms 256 \
   --methods score hutchinson-forward hutchinson --json "$OUT/bench_divergence.json" \
   | tee "$OUT/bench_divergence.txt"
-python -m pytest -q -p no:cacheprovider tests/test_divergence.py tests/test_backend.py 2>&1 | tail -5 | tee "$OUT/tests_divergence.txt"
+python -m pytest -q -p no:cacheprovider tests/test_divergence.py tests/test_backend.py \
+  tests/test_pair_bias_attention_jvp.py tests/test_fused_jvp.py 2>&1 | tail -5 | tee "$OUT/tests_divergence.txt"
 
 # DiG protein (issue 5): fused IPA attention kernel on the GPU, then structures/s of the public
 # 500-step sampler, public-style (one structure per call, fp32, Linear over all pairs) against
