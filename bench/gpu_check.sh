@@ -31,8 +31,6 @@ python bench/bench_pair_bias_attention.py --out "$OUT" | tee "$OUT/bench_pair_bi
 python bench/bench_divergence.py --size reference --atoms 256 \
   --methods score hutchinson-forward hutchinson --json "$OUT/bench_divergence.json" \
   | tee "$OUT/bench_divergence.txt"
-python -m pytest -q -p no:cacheprovider tests/test_divergence.py tests/test_backend.py \
-  tests/test_pair_bias_attention_jvp.py tests/test_fused_jvp.py 2>&1 | tail -5 | tee "$OUT/tests_divergence.txt"
 
 # DiG protein (issue 5): fused IPA attention kernel on the GPU, then structures/s of the public
 # 500-step sampler, public-style (one structure per call, fp32, Linear over all pairs) against
@@ -47,3 +45,6 @@ python bench/protein.py --device cuda --lengths 256 --dtype fp32 --batch auto --
   --json "$OUT/bench_protein_fp32.json" | tee "$OUT/bench_protein_fp32.txt"
 python bench/protein.py --device cuda --lengths 512 1000 --dtype bf16 --batch auto --steps 3 \
   --json "$OUT/bench_protein_large.json" | tee "$OUT/bench_protein_large.txt"
+# forward-mode tests last: a failure here (pipefail) stops nothing measured above
+python -m pytest -q -p no:cacheprovider tests/test_divergence.py tests/test_backend.py \
+  tests/test_pair_bias_attention_jvp.py tests/test_fused_jvp.py 2>&1 | tail -5 | tee "$OUT/tests_divergence.txt"
