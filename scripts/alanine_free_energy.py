@@ -104,6 +104,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/alanine_fe.npz")
     ap.add_argument("--analyse-only", action="store_true")
+    ap.add_argument("--also", nargs="*", default=[], help="more .npz files of this script (other seeds) to analyse with")
     args = ap.parse_args()
     store = {}
     if Path(args.out).exists():
@@ -111,6 +112,9 @@ def main():
             store = {k: z[k] for k in ("positions", "log_p", "energy")}
     if not args.analyse_only:
         run_chunks(args, store)
+    for extra in args.also:
+        with np.load(extra) as z:
+            store = {k: np.concatenate([store[k], z[k]]) for k in ("positions", "log_p", "energy")}
     print(json.dumps(analyse(store), indent=1))
 
 
