@@ -6,9 +6,10 @@ q_t(c | x_t) comes from a user predictor of positions (system units) and time:
     classifier  predictor -> logits over classes; q = softmax(logits)[c]
     log_prob    predictor -> log q(c | x) itself (exact noisy likelihoods, tests)
 
-A predictor trained only on clean structures sees x_t badly; denoise=True feeds it the
-Tweedie estimate x0_hat = (x_t + sigma^2 s(x_t)) / alpha instead and differentiates through
-it (through the score network too), with the Gaussian variance inflated by
+Predictors see every atom of padded batches (mask is not passed on). A predictor trained
+only on clean structures sees x_t badly; denoise=True feeds it the Tweedie estimate
+x0_hat = (x_t + sigma^2 s(x_t)) / alpha instead and differentiates through it (through the
+score network too), with the Gaussian variance inflated by
 sigma^2 / (alpha^2 + sigma^2) |grad f|^2, the variance of x_0 given x_t for unit-variance
 data (in the model's normalised coordinates): exact for Gaussian data and a linear property.
 """
@@ -78,6 +79,7 @@ def guided_score_fn(score_fn, guidance: Guidance, schedule, position_scale: floa
     """Wrap score_fn(x, t, mask) (x in the model's coordinates x_sys / position_scale) so that it
     returns the guided score in the same coordinates; autograd supplies the chain rule."""
     def guided(x, t, mask):
+        base = None if guidance.denoise else score_fn(x, t, mask)  # no graph: only log q is differentiated
         with torch.enable_grad():
             xg = x.detach().to(torch.float32 if x.dtype == torch.float16 else x.dtype).requires_grad_(True)
             t64 = t.detach().double().cpu()
@@ -90,7 +92,6 @@ def guided_score_fn(score_fn, guidance: Guidance, schedule, position_scale: floa
                                       extra_var=_tweedie_var(guidance, x0, t, schedule, position_scale))
                 base = s.detach()
             else:
-                base = score_fn(x, t, mask)
                 logq = guidance.log_q(xg * position_scale, t)
             (g,) = torch.autograd.grad(logq.sum(), xg)
         w = guidance.weight_at(t64, schedule).to(x.device, x.dtype)[:, None, None]
