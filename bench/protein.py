@@ -5,7 +5,8 @@ against digfast's fast path, in the same run.
     768) over all L^2 pairs in every layer, pair bias recomputed every step), one structure
     per call, fp32 - how the public run_inference.py samples.
 (b) "fast": per-protein precompute, pair-value rewrite, a batch of structures per call
-    sharing the pair data, fp32 or bf16 (on a GPU the fused Triton attention when present).
+    sharing the pair data, fp32 or bf16 (on a GPU the fused Triton attention when present,
+    and the whole step replayed from one CUDA graph unless --no-cuda-graph).
 Both run the full-size public model (768 wide, 12 layers, 32 heads, pair 256) with random
 weights. A sampler step costs the same at every t, so each path is timed over --steps
 sampler steps (after a warm-up step, interleaved a/b/a/b..., median per step) and
@@ -32,6 +33,7 @@ from digfast.models.protein import ProteinConfig, ProteinScoreModel  # noqa: E40
 from digfast.models.protein.fast import FastProteinModel  # noqa: E402
 from digfast.protein import sampler  # noqa: E402
 from digfast.protein.engine import DTYPES, auto_batch_size, reference_score_fn  # noqa: E402
+from digfast.protein.graph import GraphedSampler  # noqa: E402
 
 
 def sync(device):
@@ -66,6 +68,10 @@ def bench_length(model, L, args, device, gen):
     fast_score = lambda a, b, s: fast(ctx, a, b, s)  # noqa: E731
     tr1, rot1 = sampler.initial_state(0, torch.arange(1), L, device=device)
     trB, rotB = sampler.initial_state(0, torch.arange(B), L, dtype=torch.float64, device=device)
+    graphed = None
+    if device.type == "cuda" and not args.no_cuda_graph:  # the whole step replayed from one graph
+        graphed = GraphedSampler(fast, ctx, B, sampler="public", steps=500, device=device)
+        graphed.load(trB, rotB)
     # warm-up (allocations, kernel compilation)
     if ref_score:
         timed_steps(ref_score, tr1, rot1, 0, 1, device)
@@ -75,7 +81,14 @@ def bench_length(model, L, args, device, gen):
         k = 1 + rep * (498 // max(1, args.steps))
         if ref_score:
             ref_t += timed_steps(ref_score, tr1, rot1, k, 1, device)
-        fast_t += timed_steps(fast_score, trB, rotB, k, 1, device)
+        if graphed is not None:
+            sync(device)
+            t0 = time.perf_counter()
+            graphed.step(k)
+            sync(device)
+            fast_t.append(time.perf_counter() - t0)
+        else:
+            fast_t += timed_steps(fast_score, trB, rotB, k, 1, device)
     base = dict(L=L, device=str(device), steps_timed=args.steps, sampler="public", n_steps=500,
                 model="768x12, 32 heads, pair 256 (random weights)")
     ref_row = None
@@ -86,6 +99,7 @@ def bench_length(model, L, args, device, gen):
         rows.append(ref_row)
     s = statistics.median(fast_t)
     fast_row = dict(base, path="fast", dtype=args.dtype, batch=B, step_s=s, structures_per_s=B / (500 * s),
+                    cuda_graph=graphed is not None,
                     step_s_min=min(fast_t), step_s_max=max(fast_t), precompute_s=precompute,
                     context_mb=ctx.nbytes() / 2**20)
     if ref_row:
@@ -104,6 +118,7 @@ def main(argv=None):
     ap.add_argument("--batch", default="auto", help="structures per fast call, or 'auto' (free memory)")
     ap.add_argument("--steps", type=int, default=3, help="sampler steps timed per path")
     ap.add_argument("--skip-reference", action="store_true", help="only the fast path (e.g. L = 1000)")
+    ap.add_argument("--no-cuda-graph", action="store_true", help="time the fast step eagerly on a GPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

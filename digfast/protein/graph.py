@@ -59,14 +59,21 @@ class GraphedSampler:
         self.tr.add_(self.coef_now[0] * T_eps.double())
         self.rot.copy_(so3.expmap(self.coef_now[1] * IR_eps.double()) @ self.rot)
 
-    def run(self, tr: torch.Tensor, rot: torch.Tensor, on_step=None):
-        """Frames (batch, L, 3) + (batch, L, 3, 3) after all steps (float64)."""
+    def load(self, tr: torch.Tensor, rot: torch.Tensor) -> None:
         self.tr.copy_(tr)
         self.rot.copy_(rot)
+
+    def step(self, k: int) -> None:
+        """Advance the loaded frames by step k of the plan (one replay)."""
+        self.emb_now.copy_(self.emb[k])
+        self.coef_now.copy_(self.coef[k])
+        self.graph.replay()
+
+    def run(self, tr: torch.Tensor, rot: torch.Tensor, on_step=None):
+        """Frames (batch, L, 3) + (batch, L, 3, 3) after all steps (float64)."""
+        self.load(tr, rot)
         for k in range(len(self.coef)):
-            self.emb_now.copy_(self.emb[k])
-            self.coef_now.copy_(self.coef[k])
-            self.graph.replay()
+            self.step(k)
             if on_step is not None:
                 on_step()
         return self.tr.clone(), self.rot.clone()
