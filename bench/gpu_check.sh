@@ -45,9 +45,9 @@ python bench/protein.py --device cuda --lengths 256 --dtype fp32 --batch auto --
   --json "$OUT/bench_protein_fp32.json" | tee "$OUT/bench_protein_fp32.txt"
 python bench/protein.py --device cuda --lengths 512 1000 --dtype bf16 --batch auto --steps 3 \
   --json "$OUT/bench_protein_large.json" | tee "$OUT/bench_protein_large.txt"
-# forward-mode tests last: a failure here (pipefail) stops nothing measured above
-python -m pytest -q -p no:cacheprovider tests/test_divergence.py tests/test_backend.py \
-  tests/test_pair_bias_attention_jvp.py tests/test_fused_jvp.py 2>&1 | tail -5 | tee "$OUT/tests_divergence.txt"
 # the same fast step without the CUDA graph (what the graph saves at small L)
 python bench/protein.py --device cuda --lengths 64 256 --dtype bf16 --batch auto --steps 5 --no-cuda-graph \
   --skip-reference --json "$OUT/bench_protein_eager.json" | tee "$OUT/bench_protein_eager.txt"
+# forward-mode tests last: a failure here (pipefail) stops nothing measured above
+python -m pytest -q -p no:cacheprovider tests/test_divergence.py tests/test_backend.py \
+  tests/test_pair_bias_attention_jvp.py tests/test_fused_jvp.py 2>&1 | tail -5 | tee "$OUT/tests_divergence.txt"
