@@ -38,7 +38,7 @@ python bench/bench_divergence.py --size reference --atoms 256 \
 # memory in the JSON. Targets: L = 256 bf16 >= 100x the public-style path and >= 10 structures/s;
 # L = 1000 runs on one 80 GB GPU.
 python -m pytest -q -p no:cacheprovider tests/test_protein_ipa_kernel.py tests/test_protein_fast.py \
-  tests/test_protein_sampler.py 2>&1 | tail -5 | tee "$OUT/tests_protein.txt"
+  tests/test_protein_sampler.py 2>&1 | tail -5 | tee "$OUT/tests_protein.txt" || true  # recorded; timings still run
 python bench/protein.py --device cuda --lengths 64 256 --dtype bf16 --batch auto --steps 5 \
   --json "$OUT/bench_protein_bf16.json" | tee "$OUT/bench_protein_bf16.txt"
 python bench/protein.py --device cuda --lengths 256 --dtype fp32 --batch auto --steps 5 \
