@@ -106,15 +106,14 @@ def run(score_fn, tr: torch.Tensor, rot: torch.Tensor, *, sampler: str = "public
         schedule: ProteinSchedule = ProteinSchedule(), seed: int = 0, sample_ids=None, on_step=None,
         keep_steps=(), start: int = 0, stop: int | None = None):
     """Integrate frames (B, L, 3) + (B, L, 3, 3) from t = 1 to 0 (or steps start..stop-1 of
-    the plan only). score_fn(tr, rot, step_index)
-    returns the raw network outputs (T_eps, IR_eps), each (B, L, 3). Returns (tr, rot), or with
+    the plan only). score_fn(tr, rot, step_index) returns the raw network outputs (T_eps, IR_eps), each (B, L, 3). Returns (tr, rot), or with
     keep_steps also {k: (tr, rot)} of the states after k updates (0 = initial)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown protein sampler {sampler!r}; choose one of {SAMPLERS}")
     p = plan(schedule, steps)
     kept = {start: (tr.clone(), rot.clone())} if start in keep_steps else {}
     B, L = tr.shape[:2]
-    ids = torch.arange(B) if sample_ids is None else sample_ids
+    ids = (torch.arange(B) if sample_ids is None else sample_ids).to(tr.device)  # noise made where it is used
     prev = None  # dpm2m: previous step's (data prediction, rotation drift, h)
     for k in range(start, len(p.index) if stop is None else stop):
         step = p.index[k]
