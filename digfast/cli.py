@@ -107,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --run-dir")
     tr.add_argument("--init", default=None, help="fine-tune: start from this trained model (name or folder) "
                     "with a fresh optimiser and learning-rate schedule")
+    tr.add_argument("--pidp", action="store_true",
+                    help="pre-train from the energy alone (PIDP) on low-energy candidates; with --data, "
+                         "then fine-tune by DSM on those structures")
+    tr.add_argument("--pidp-steps", type=int, default=None, help="PIDP steps (default: the recipe's)")
+    tr.add_argument("--candidates", type=int, default=None, help="PIDP candidate structures (default: the recipe's)")
     tr.add_argument("--threads", type=int, default=None)
     tr.add_argument("--quiet", action="store_true")
 
@@ -212,14 +217,27 @@ def _cmd_likelihood(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from digfast.training.recipes import build_trainer, train_and_save
+    from digfast.training.recipes import build_pidp_trainer, build_trainer, train_and_save
 
     out = Path(args.out)
     run_dir = Path(args.run_dir) if args.run_dir else out / "run"
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("tsm_sigma", args.tsm_sigma))
                  if v is not None}
+    init = args.init
+    if args.pidp:
+        pidp_out = out / "pidp" if args.data else out
+        trainer, report = build_pidp_trainer(args.system, pidp_out / "run" if args.data else run_dir,
+                                             steps=args.pidp_steps, seed=args.seed, resume=args.resume,
+                                             candidates=args.candidates)
+        print(f"digfast: {report.n} PIDP candidates in {report.seconds:.1f} s ({report.energy_evaluations} energy "
+              f"evaluations; mean energy {report.energy_mean:.2f})")
+        folder = train_and_save(trainer, pidp_out, progress=not args.quiet)
+        print(f"digfast: PIDP {trainer.step} steps; model in {folder}")
+        if not args.data:
+            return 0
+        init, args.resume = str(folder), False
     trainer = build_trainer(args.system, args.data, args.val, run_dir, steps=args.steps, seed=args.seed,
-                            resume=args.resume, overrides=overrides, init=args.init)
+                            resume=args.resume, overrides=overrides, init=init)
     folder = train_and_save(trainer, out, progress=not args.quiet)
     last = trainer.history[-1] if trainer.history else {}
     print(f"digfast: trained {args.system} for {trainer.step} steps; val loss {last.get('val_loss', float('nan')):.4f}; "

@@ -200,7 +200,7 @@ def test_training_with_forces_runs_and_needs_both(rng):
     trainer = Trainer(_tiny_model(), data, data[:16], _cfg(tsm_sigma=0.1), forces=forces)
     hist = trainer.fit(progress=False)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
-    with pytest.raises(ValueError, match="needs forces"):
+    with pytest.raises(ValueError, match="need forces"):
         Trainer(_tiny_model(), data, None, _cfg(tsm_sigma=0.1))
     with pytest.raises(ValueError, match="shaped like"):
         Trainer(_tiny_model(), data, None, _cfg(tsm_sigma=0.1), forces=forces[:5])

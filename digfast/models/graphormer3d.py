@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from digfast.ops.pair_bias_attention import pair_bias_attention
+from digfast.ops.pair_bias_attention import attention_probabilities, pair_bias_attention
 from digfast.ops.spatial_bias import spatial_bias_reference
 from digfast.ops.vector_head import vector_head_reference
 
@@ -71,11 +71,23 @@ class SpatialBias(nn.Module):
                                       self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, mask)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm written with elementary ops: the same numbers and parameters, but
+    derivatives of every order are right. torch's fused layer_norm gets the third-order
+    derivative wrong (its double-backward rule), which PIDP needs: the weights' gradient of a
+    time derivative (or of a divergence's gradient) of the network."""
+
+    def forward(self, z):
+        mean = z.mean(-1, keepdim=True)
+        centred = z - mean
+        return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias
+
+
 class Layer(nn.Module):
     def __init__(self, cfg: Graphormer3DConfig):
         super().__init__()
         self.heads = cfg.heads
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width)
+        self.ln1, self.ln2 = LayerNorm(cfg.width), LayerNorm(cfg.width)
         self.qkv, self.out = nn.Linear(cfg.width, 3 * cfg.width), nn.Linear(cfg.width, cfg.width)
         self.ffn = nn.Sequential(nn.Linear(cfg.width, cfg.ffn), nn.GELU(), nn.Linear(cfg.ffn, cfg.width))
 
@@ -100,7 +112,7 @@ class Graphormer3D(nn.Module):
         self.phi_proj = nn.Linear(cfg.gaussians, w)
         self.time = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
-        self.ln_out = nn.LayerNorm(w)
+        self.ln_out = LayerNorm(w)
         self.head_qkv = nn.Linear(w, 3 * w)
         self.head_out = nn.Linear(w, 1, bias=False)
         # path lengths 0..max_path, max_path + 1 = farther or unconnected
@@ -126,6 +138,8 @@ class Graphormer3D(nn.Module):
         h = self.ln_out(h)
         heads, dh = self.cfg.heads, self.cfg.width // self.cfg.heads
         q, k, v = self.head_qkv(h).reshape(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh) + bias, dim=-1)
+        # the op's softmax, not torch.softmax: torch's forward-mode rule for softmax modifies a
+        # saved result in place, which breaks training through a time derivative (PIDP)
+        attn = attention_probabilities(q, k, bias)
         eps = vector_head_reference(attn, x, v, self.head_out.weight.reshape(-1))
         return eps if mask is None else eps * mask.unsqueeze(-1)

@@ -49,6 +49,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     augment_rotations: bool = True
     tsm_sigma: float = 0.0  # > 0 (with forces): noise level sigma/alpha below which forces set the target
+    objective: str = "dsm"  # "pidp": Fokker-Planck residual + force match on candidates (training/pidp.py)
+    pidp_force_weight: float = 1.0  # lambda_1 of the force term at t_min
+    pidp_probes: int = 0  # divergence: 0 = exact over the subspace basis, k > 0 = k Rademacher probes
     extra: dict = field(default_factory=dict)
 
 
@@ -77,8 +80,10 @@ class Trainer:
             if weights.shape != (train.shape[0],) or not torch.isfinite(weights).all() or (weights < 0).any() \
                     or weights.sum() <= 0:
                 raise ValueError(f"weights must be ({train.shape[0]},), finite, non-negative, not all zero")
-        if (forces is None) != (config.tsm_sigma <= 0):
-            raise ValueError("tsm_sigma > 0 needs forces, and forces need tsm_sigma > 0")
+        if config.objective not in ("dsm", "pidp"):
+            raise ValueError(f"unknown objective {config.objective!r}: 'dsm' or 'pidp'")
+        if (forces is None) != (config.tsm_sigma <= 0 and config.objective == "dsm"):
+            raise ValueError("tsm_sigma > 0 and PIDP need forces, and forces need one of them")
         if forces is not None and (forces.shape != train.shape or not torch.isfinite(forces).all()):
             raise ValueError(f"forces must be finite and shaped like the training data {tuple(train.shape)}")
         self.weights = weights
@@ -110,6 +115,10 @@ class Trainer:
         return w * (-noise * f0) + (1.0 - w) * eps
 
     def _loss(self, net, x0, t, eps, f0=None):
+        if self.cfg.objective == "pidp":
+            from digfast.training.pidp import pidp_loss
+
+            return pidp_loss(self.model, net, x0, t, eps, f0, self.cfg, self.gen)
         sched = self.model.schedule
         tt = t.double()
         alpha, sigma = sched.alpha(tt).float()[:, None, None], sched.sigma(tt).float()[:, None, None]
@@ -153,16 +162,19 @@ class Trainer:
         self.step += 1
         return float(loss.detach())
 
-    @torch.no_grad()
     def validate(self) -> float:
-        """EMA loss (plain DSM target) on fixed validation batches (own generator: training stays
-        reproducible)."""
+        """EMA loss on fixed validation batches (own generator: training stays reproducible):
+        the plain DSM target, or for PIDP the Fokker-Planck residual (no forces for these)."""
         if self.val is None:
             return float("nan")
         g = torch.Generator().manual_seed(self.cfg.seed + 1)
         saved, self.gen = self.gen, g
+        # PIDP differentiates in x, so only the DSM loss runs without a graph
+        grad_mode = torch.enable_grad() if self.cfg.objective == "pidp" else torch.no_grad()
         try:
-            losses = [float(self._loss(self.ema.eval(), *self._batch(self.val))) for _ in range(self.cfg.val_batches)]
+            with grad_mode:
+                losses = [float(self._loss(self.ema.eval(), *self._batch(self.val)).detach())
+                          for _ in range(self.cfg.val_batches)]
         finally:
             self.gen = saved
         return sum(losses) / len(losses)

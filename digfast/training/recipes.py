@@ -29,6 +29,15 @@ RECIPES = {
 }
 
 
+# PIDP pre-training from the energy alone (training/pidp.py); the network is the system's recipe
+PIDP_RECIPES = {
+    "dw4": dict(candidates=4000, train=dict(steps=3000, batch_size=64, lr=1e-3, warmup=200, ema_decay=0.999,
+                                            pidp_probes=0, val_every=250, val_batches=2)),
+    "lj13": dict(candidates=4000, train=dict(steps=3000, batch_size=32, lr=1e-3, warmup=200, ema_decay=0.999,
+                                             pidp_probes=2, val_every=250, val_batches=2)),
+}
+
+
 def load_structures(path, system) -> torch.Tensor:
     """(n, N, d) float32 from .npy ((n, N*d) or (n, N, d)) or .npz with `positions`."""
     arr = load_positions(path).to(torch.float32)
@@ -84,6 +93,33 @@ def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | N
     return Trainer(model, train, val, TrainConfig(seed=seed, **settings), out_dir=run_dir, forces=forces)
 
 
+def build_pidp_trainer(system_name: str, run_dir=None, steps: int | None = None, seed: int = 0,
+                       resume: bool = False, overrides: dict | None = None, candidates: int | None = None):
+    """(Trainer with objective 'pidp' on low-energy candidates, CandidateReport); no samples used."""
+    from digfast.training.candidates import low_energy_candidates
+
+    if system_name not in PIDP_RECIPES:
+        raise ValueError(f"no PIDP recipe for {system_name!r}; known: {sorted(PIDP_RECIPES)}")
+    recipe, system = PIDP_RECIPES[system_name], get_system(system_name)
+    n = int(candidates or recipe["candidates"])
+    train, report = low_energy_candidates(system, n, seed=seed)
+    val, _ = low_energy_candidates(system, max(64, n // 20), seed=seed + 10_000)
+    forces = training_forces(system, train)
+    settings = {**RECIPES[system_name]["train"], "tsm_sigma": 0.0, **recipe["train"], "objective": "pidp",
+                **(overrides or {}), **({"steps": steps} if steps else {})}
+    if resume:
+        return Trainer.resume(run_dir, train, val, forces=forces), report
+    torch.manual_seed(seed)
+    net = Graphormer3D(Graphormer3DConfig(n_atom_types=int(system.atom_types.max()) + 1,
+                                          **RECIPES[system_name]["network"]))
+    centred = train - train.mean(1, keepdim=True)
+    info = {"data": f"PIDP on {len(train)} low-energy candidates (no samples)", "candidates": vars(report)}
+    model = ScoreModel(net, make_schedule(RECIPES[system_name]["schedule"]), system,
+                       position_scale=float(centred.std()), default_steps=RECIPES[system_name]["default_steps"],
+                       info=info)
+    return Trainer(model, train, val, TrainConfig(seed=seed, **settings), out_dir=run_dir, forces=forces), report
+
+
 def _fine_tune_start(init, system, source: str, n_train: int) -> ScoreModel:
     from digfast.api import load
 
@@ -91,7 +127,7 @@ def _fine_tune_start(init, system, source: str, n_train: int) -> ScoreModel:
     if not isinstance(model, ScoreModel) or model.system.name != system.name:
         raise ValueError(f"--init {init!r} is not a trained {system.name} model")
     model.info = {"data": source, "n_train": n_train, "init": str(init),
-                  "init_train_steps": model.info.get("train_steps")}
+                  "init_train_steps": model.info.get("train_steps"), "init_data": model.info.get("data")}
     return model.train()
 
 

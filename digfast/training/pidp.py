@@ -1,0 +1,134 @@
+"""PIDP: physics-informed diffusion pre-training from the energy alone (DESIGN.md §1).
+
+The score s_t = grad log p_t of the forward process dx = f(t) x dt + g(t) dW obeys the
+Fokker-Planck equation, written for the score:
+
+    d/dt s = grad( -f x.s + 1/2 g^2 (|s|^2 + div s) )       (VP: 1/2 beta grad(x.s + |s|^2 + div s))
+
+and at t = 0 it is the Boltzmann force -grad E / kT. PIDP fits a network to both at points
+made by pushing low-energy candidate structures (not equilibrium samples) through the forward
+process. Everything lives on the zero-centre-of-mass subspace: gradients are projected and the
+divergence runs over an orthonormal basis of the subspace (exact) or over projected
+Rademacher probes (Hutchinson), differentiated twice by autograd so the loss trains the
+weights. d/dt s is exact too: autodiff in t (see time_derivative).
+
+Residual scale: near t = 0, s ~ 1/sigma and both sides of the equation grow like
+g^2 / sigma^3, so the loss weighs each residual by sigma^3 / g^2 (O(1) at every t), the
+analogue of DSM's sigma^2 weighting.
+"""
+from __future__ import annotations
+
+import torch
+
+from digfast.likelihood import helmert_basis
+from digfast.ops.sampler_step import remove_com
+
+
+def subspace_basis(n_atoms: int, dim: int, dtype=torch.float64) -> torch.Tensor:
+    """(D', N, d) orthonormal basis of the zero-CoM subspace, D' = (N - 1) d."""
+    h = helmert_basis(n_atoms, dtype)  # (N - 1, N) orthonormal rows orthogonal to the ones vector
+    eye = torch.eye(dim, dtype=dtype)
+    return (h[:, None, :, None] * eye[None, :, None, :]).reshape(-1, n_atoms, dim)
+
+
+def rademacher_subspace_probes(k: int, b: int, n_atoms: int, dim: int, generator, dtype=torch.float64):
+    """(k, b, N, d) projected Rademacher probes: E[e e^T] is the subspace projector."""
+    z = torch.randint(0, 2, (k, b, n_atoms, dim), generator=generator).to(dtype) * 2 - 1
+    return remove_com(z.reshape(k * b, n_atoms, dim)).reshape(k, b, n_atoms, dim)
+
+
+def fokker_planck_residual(score, schedule, x: torch.Tensor, t: torch.Tensor, *, probes: torch.Tensor | None = None,
+                           create_graph: bool = True):
+    """(residual (B, N, d), s (B, N, d)) of the score equation at (x, t).
+
+    score(x, t) -> (B, N, d) must be differentiable in x and t. probes: (K, B, N, d) divergence
+    directions, K probe estimates averaged (Hutchinson); None: the exact divergence over the
+    subspace basis."""
+    b, n, d = x.shape
+    exact = probes is None
+    if exact:
+        basis = subspace_basis(n, d, x.dtype).to(x.device)
+        probes = basis[:, None].expand(-1, b, -1, -1)
+    k = probes.shape[0]
+    x = x.detach().requires_grad_(True)
+    tt = t.detach().to(x.dtype).requires_grad_(True)
+    s = remove_com(score(x, tt))
+    ds_dt = time_derivative(s, tt)
+    xk = x.repeat(k, 1, 1)
+    sk = remove_com(score(xk, tt.repeat(k)))
+    e = probes.reshape(k * b, n, d).to(x.dtype)
+    (jac_e,) = torch.autograd.grad((sk * e).sum(), xk, create_graph=True)
+    per_probe = (jac_e * e).sum((1, 2)).reshape(k, b)
+    div = per_probe.sum(0) if exact else per_probe.mean(0)
+    f = schedule.drift_coef(tt.double()).to(x.dtype)
+    g2 = schedule.diffusion2(tt.double()).to(x.dtype)
+    u = -f * (x * s).sum((1, 2)) + 0.5 * g2 * (s.pow(2).sum((1, 2)) + div)
+    (grad_u,) = torch.autograd.grad(u.sum(), x, create_graph=create_graph)
+    return remove_com(grad_u) - ds_dt, s
+
+
+def time_derivative(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """d s_b / d t_b for every sample b (s_b depends on its own t_b only), as a graph that
+    training can differentiate: the JVP as the derivative of a VJP in its cotangent w, two
+    reverse passes instead of forward mode (torch's forward-mode softmax rule breaks the
+    reverse pass taken through it)."""
+    w = torch.zeros_like(s, requires_grad=True)
+    (vjp,) = torch.autograd.grad(s, t, grad_outputs=w, create_graph=True, allow_unused=True)
+    if vjp is None:  # the score does not depend on t
+        return torch.zeros_like(s)
+    (jvp,) = torch.autograd.grad(vjp, w, grad_outputs=torch.ones_like(vjp), create_graph=True)
+    return jvp
+
+
+def residual_weight(schedule, t: torch.Tensor) -> torch.Tensor:
+    """sigma^3 / g^2: makes the residual O(1) at every t (see the module docstring)."""
+    t = t.double()
+    return (schedule.sigma(t) ** 3 / schedule.diffusion2(t))
+
+
+def network_score(model, net=None):
+    """score(x, t) of a ScoreModel (or of `net`, e.g. its EMA copy, in its place) in the
+    model's normalised coordinates, differentiable in x and t."""
+    net = model.net if net is None else net
+    sched = model.schedule
+
+    def score(x, t):
+        paths = None if model.paths is None else model.paths.to(x.device)
+        eps = net(x, t.to(x.dtype), model.atom_types.to(x.device), None, paths)
+        sigma = sched.sigma(t.double()).to(x.dtype)
+        return -remove_com(eps) / sigma[:, None, None]
+
+    return score
+
+
+def force_match(score, schedule, x0: torch.Tensor, eps: torch.Tensor, forces: torch.Tensor, t_min: float):
+    """(B,) |s(x, t_min) - F|^2 / mean |F|^2 at x = alpha x0 + sigma eps, F the Boltzmann force of x0
+    (normalised units): at t -> 0 the score is the force."""
+    t = torch.full((x0.shape[0],), t_min, dtype=x0.dtype, device=x0.device)
+    alpha, sigma = float(schedule.alpha(t_min)), float(schedule.sigma(t_min))
+    s = remove_com(score(alpha * x0 + sigma * eps, t))
+    f = remove_com(forces)
+    # relative to the batch's mean squared force: O(1) like the weighted residual, whatever
+    # the energy's scale
+    return (s - f).pow(2).sum((1, 2)) / f.pow(2).sum((1, 2)).mean().clamp_min(1e-12)
+
+
+def pidp_loss(model, net, x0, t, eps, forces, cfg, generator) -> torch.Tensor:
+    """The PIDP objective on a batch of candidates x0 (normalised units): weighted Fokker-
+    Planck residual at x_t = alpha_t x0 + sigma_t eps, plus pidp_force_weight times the force
+    match at t_min when the candidates' forces are given (training, not validation)."""
+    sched = model.schedule
+    score = network_score(model, net)
+    tt = t.double()
+    alpha, sigma = sched.alpha(tt).to(x0.dtype), sched.sigma(tt).to(x0.dtype)
+    xt = alpha[:, None, None] * x0 + sigma[:, None, None] * eps
+    b, n, d = x0.shape
+    probes = None
+    if cfg.pidp_probes > 0:
+        probes = rademacher_subspace_probes(cfg.pidp_probes, b, n, d, generator, x0.dtype)
+    residual, _ = fokker_planck_residual(score, sched, xt, t, probes=probes)
+    w = residual_weight(sched, tt).to(x0.dtype)
+    loss = (w[:, None, None] * residual).pow(2).sum((1, 2)).mean() / ((n - 1) * d)
+    if forces is not None and cfg.pidp_force_weight > 0:
+        loss = loss + cfg.pidp_force_weight * force_match(score, sched, x0, eps, forces, cfg.t_min).mean()
+    return loss
