@@ -176,13 +176,18 @@ def coordinate_directions(x: torch.Tensor) -> torch.Tensor:
     return eye.expand(n * d, b, n, d)
 
 
-def resolve_divergence(divergence: str, n_coords: int) -> str:
-    """The method that "auto" stands for with n_coords = n_atoms d coordinates; others as given."""
+def resolve_divergence(divergence: str, n_coords: int, device=None) -> str:
+    """The method that "auto" stands for with n_coords = n_atoms d coordinates; others as given.
+
+    Forward mode on a GPU (the fused kernels carry the tangents), reverse mode on the CPU,
+    where eager forward mode measured 1.4-2.1x slower (bench/bench_divergence.py, RESULTS.md)."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if divergence != "auto":
         return divergence
-    return "exact-forward" if n_coords <= AUTO_EXACT_MAX_COORDS else "hutchinson-forward"
+    method = "exact" if n_coords <= AUTO_EXACT_MAX_COORDS else "hutchinson"
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    return f"{method}-forward" if on_gpu else method
 
 
 def helmert_basis(n: int, dtype=torch.float64) -> torch.Tensor:
@@ -304,7 +309,7 @@ def log_likelihood(score_fn: ScoreFn, schedule: Schedule, x0: torch.Tensor, *, m
     marginal at t_max to measure the integration error alone.
     """
     _check(x0, mask)
-    chosen = resolve_divergence(divergence, x0.shape[1] * x0.shape[2])
+    chosen = resolve_divergence(divergence, x0.shape[1] * x0.shape[2], x0.device)
     x = remove_com(x0, mask)
     eps = None
     if chosen.startswith("hutchinson"):
@@ -312,7 +317,7 @@ def log_likelihood(score_fn: ScoreFn, schedule: Schedule, x0: torch.Tensor, *, m
             raise ValueError(f"probes must be >= 1, got {probes}")
         ids = torch.arange(x.shape[0], device=x.device) if sample_ids is None else sample_ids
         eps = rademacher_probes(probes, seed, ids, x.shape[1:], mask, x.dtype)
-    fallback = chosen.removesuffix("-forward") if divergence == "auto" else None
+    fallback = chosen.removesuffix("-forward") if divergence == "auto" and chosen.endswith("-forward") else None
     drift = _Drift(score_fn, schedule, mask, chosen, eps, fallback)
     acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     xT, acc = integrate(lambda y, t: drift(y[0], t), (x, acc), t_min, schedule.t_max,

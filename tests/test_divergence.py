@@ -103,25 +103,30 @@ def test_forward_hutchinson_is_unbiased(rng, graphormer):
 def test_auto_equals_exact_on_small_systems(mixture, rng):
     model = mixture.model(LinearVP())
     x = mixture.sample(6, rng)[0]
-    assert resolve_divergence("auto", mixture.n_atoms * 3) == "exact-forward"
+    assert resolve_divergence("auto", mixture.n_atoms * 3) == "exact"  # reverse mode on the CPU
     auto = digfast.log_likelihood(model, positions=x, steps=8, t_min=1e-3)  # the default
     exact = digfast.log_likelihood(model, positions=x, steps=8, t_min=1e-3, divergence="exact")
     torch.testing.assert_close(auto.log_prob, exact.log_prob, rtol=0, atol=1e-10)
     assert auto.n_evals == exact.n_evals == 32
 
 
-def test_auto_picks_hutchinson_for_large_systems():
-    assert resolve_divergence("auto", AUTO_EXACT_MAX_COORDS) == "exact-forward"
-    assert resolve_divergence("auto", AUTO_EXACT_MAX_COORDS + 1) == "hutchinson-forward"
+def test_auto_picks_hutchinson_for_large_systems_and_forward_mode_on_gpus():
+    assert resolve_divergence("auto", AUTO_EXACT_MAX_COORDS) == "exact"
+    assert resolve_divergence("auto", AUTO_EXACT_MAX_COORDS + 1, "cpu") == "hutchinson"
+    assert resolve_divergence("auto", AUTO_EXACT_MAX_COORDS, "cuda") == "exact-forward"
+    assert resolve_divergence("auto", AUTO_EXACT_MAX_COORDS + 1, "cuda:0") == "hutchinson-forward"
     assert resolve_divergence("hutchinson", 3) == "hutchinson"
     with pytest.raises(ValueError, match="divergence must be one of"):
         resolve_divergence("skilling", 3)
 
 
-def test_auto_falls_back_to_reverse_mode(rng, caplog):
+def test_auto_falls_back_to_reverse_mode(rng, caplog, monkeypatch):
     """A score function without a forward mode (torch.cdist has none) still gets its exact
-    divergence under "auto", by reverse mode, with one warning."""
+    divergence under "auto" where that means forward mode (GPUs), by reverse mode, with one
+    warning."""
     x = torch.randn(3, 4, 3, generator=rng, dtype=torch.float64)
+    on_gpu = likelihood.resolve_divergence
+    monkeypatch.setattr(likelihood, "resolve_divergence", lambda d, n, device=None: on_gpu(d, n, "cuda"))
 
     def score(y, t, mask=None):
         return -y / (1 + 0.1 * torch.cdist(y, y).mean((-1, -2)))[:, None, None]
@@ -150,13 +155,13 @@ def test_cli_likelihood_defaults_to_auto(tmp_path, capsys, mixture, rng):
 
 
 def test_shipped_score_model_auto_equals_exact():
-    """A trained Graphormer-3D ScoreModel (DW-4, 8 coordinates: "auto" is forward-mode exact)
-    through digfast.log_likelihood, the network in float64."""
+    """A trained Graphormer-3D ScoreModel (DW-4, 8 coordinates) through digfast.log_likelihood,
+    the network in float64: forward-mode exact (what "auto" runs on a GPU) equals reverse mode."""
     model = digfast.load("dw4")
     model.net.double()
     x = digfast.sample_batch(model, n=3, steps=20, progress=False, seed=4).positions
     kw = dict(positions=x, steps=3, dtype=torch.float64)
-    auto = digfast.log_likelihood(model, **kw)
+    auto = digfast.log_likelihood(model, divergence="exact-forward", **kw)
     exact = digfast.log_likelihood(model, divergence="exact", **kw)
     assert torch.isfinite(auto.log_prob).all()
     torch.testing.assert_close(auto.log_prob, exact.log_prob, rtol=0, atol=1e-9)
