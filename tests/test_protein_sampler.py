@@ -188,8 +188,11 @@ def test_sample_protein_fast_equals_reference_path_and_batch_size(rng):
     ref = sample_protein(model, x["single"], x["pair"], path="reference", **kw)
     a = sample_protein(model, x["single"], x["pair"], batch_size=3, **kw)
     b = sample_protein(model, x["single"], x["pair"], batch_size=2, **kw)
-    torch.testing.assert_close(a.tr, ref.tr, rtol=0, atol=1e-4)
-    torch.testing.assert_close(a.tr, b.tr, rtol=1e-6, atol=1e-5)  # GEMM blocking differs by batch
+    # positions reach ~150 A, where a float32 ulp is 1.5e-5 A: the reference path keeps its state
+    # in fp32 (10 roundings), and batch sizes change the GEMM blocking of the fp32 network
+    tol = 16 * 2.0**-23 * float(ref.tr.abs().max())
+    torch.testing.assert_close(a.tr, ref.tr, rtol=0, atol=tol)
+    torch.testing.assert_close(a.tr, b.tr, rtol=0, atol=tol)
     assert a.metadata["batch_size"] == 3 and ref.metadata["batch_size"] == 1
 
 
