@@ -51,6 +51,44 @@ def test_resume_is_bit_for_bit(rng, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_damaged_checkpoints_are_refused_by_name(rng, tmp_path):
+    import json
+
+    from digfast.io import InputError
+    from digfast.training.dsm import CHECKPOINT_STATE, CHECKPOINT_TENSORS
+
+    data = _data(rng)
+    trainer = Trainer(_tiny_model(), data, None, _cfg())
+    trainer.fit(progress=False, until=2)
+    good = trainer.save_checkpoint(tmp_path / "good")
+    state = json.loads((good / CHECKPOINT_STATE).read_text())
+    tensors = (good / CHECKPOINT_TENSORS).read_bytes()
+
+    def damaged(name, state_text=None, tensor_bytes=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / CHECKPOINT_STATE).write_text(state_text if state_text is not None else json.dumps(state))
+        (folder / CHECKPOINT_TENSORS).write_bytes(tensor_bytes if tensor_bytes is not None else tensors)
+        return folder
+
+    cases = {
+        "truncated tensors": damaged("trunc", tensor_bytes=tensors[: len(tensors) // 2]),
+        "state not JSON": damaged("json", state_text="{step: 3"),
+        "state without model": damaged("nomodel", state_text=json.dumps({k: v for k, v in state.items()
+                                                                          if k != "model"})),
+        "wider network": damaged("wide", state_text=json.dumps(
+            {**state, "model": {**state["model"], "network": {**state["model"]["network"], "width": 32}}})),
+    }
+    for what, folder in cases.items():
+        with pytest.raises(InputError, match=f"checkpoint in {folder}"):
+            Trainer.resume(folder, data, None)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer.resume(tmp_path / "absent", data, None)
+    with pytest.raises(ValueError, match="training data must be"):
+        Trainer.resume(good, data[:, :3], None)
+    assert Trainer.resume(good, data, None).step == 2
+
+
 def test_saved_model_loads_and_samples(rng, tmp_path):
     model = _tiny_model()
     model.save(tmp_path / "m")

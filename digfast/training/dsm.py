@@ -234,22 +234,33 @@ class Trainer:
     def resume(cls, folder, train, val, out_dir=None, weights=None, forces=None) -> "Trainer":
         from safetensors.torch import load_file
 
+        from digfast.io import InputError
+
         folder = Path(folder)
         if not (folder / CHECKPOINT_STATE).exists():
             raise FileNotFoundError(f"no checkpoint in {folder} ({CHECKPOINT_STATE} missing)")
-        state = json.loads((folder / CHECKPOINT_STATE).read_text())
-        tensors = load_file(str(folder / CHECKPOINT_TENSORS))
-        model = ScoreModel.from_config(state["model"])
-        cfg = TrainConfig(**state["config"])
-        trainer = cls(model, train, val, cfg, out_dir if out_dir is not None else folder, weights, forces)
-        model.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        trainer.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        opt_state: dict = {}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, i, name = k.split(".", 2)
-                opt_state.setdefault(int(i), {})[name] = v
-        trainer.opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-        trainer.gen.set_state(tensors["generator"])
-        trainer.step, trainer.history = state["step"], state["history"]
+        from safetensors import SafetensorError
+
+        try:
+            state = json.loads((folder / CHECKPOINT_STATE).read_text())
+            tensors = load_file(str(folder / CHECKPOINT_TENSORS))
+        except (OSError, ValueError, SafetensorError) as err:  # truncated, not JSON, not safetensors
+            raise InputError(f"checkpoint in {folder} is unreadable: {type(err).__name__}: {err}") from err
+        try:
+            model = ScoreModel.from_config(state["model"])
+            cfg = TrainConfig(**state["config"])
+            trainer = cls(model, train, val, cfg, out_dir if out_dir is not None else folder, weights, forces)
+            model.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+            trainer.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+            opt_state: dict = {}
+            for k, v in tensors.items():
+                if k.startswith("opt."):
+                    _, i, name = k.split(".", 2)
+                    opt_state.setdefault(int(i), {})[name] = v
+            trainer.opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+            trainer.gen.set_state(tensors["generator"])
+            trainer.step, trainer.history = state["step"], state["history"]
+        except (KeyError, TypeError, RuntimeError) as err:  # missing entries, shapes that do not fit
+            raise InputError(f"checkpoint in {folder} does not fit its own config or this data: "
+                             f"{type(err).__name__}: {err}") from err
         return trainer
