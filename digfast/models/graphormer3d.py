@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from digfast.ops.pair_bias_attention import attention_probabilities, pair_bias_attention
-from digfast.ops.spatial_bias import spatial_bias_reference
-from digfast.ops.vector_head import vector_head_reference
+from digfast.ops.pair_bias_attention import pair_bias_attention
+from digfast.ops.spatial_bias import spatial_bias
+from digfast.ops.vector_head import vector_head
 
 
 @dataclass
@@ -65,10 +65,13 @@ class SpatialBias(nn.Module):
         self.stds = nn.Parameter(torch.full((k,), 0.5))
         self.fc1, self.fc2 = nn.Linear(k, k), nn.Linear(k, cfg.heads)
 
-    def forward(self, x, atom_types, mask):
+    def forward(self, x, atom_types, mask, backend=None):
+        """bias (B, H, N, N) and the per-atom sum of the Gaussians over real neighbours
+        (B, N, K), both from the op (the Triton kernel emits the sum in the same tiles)."""
         pair_type = atom_types.unsqueeze(-1) * self.n_types + atom_types.unsqueeze(-2)
-        return spatial_bias_reference(x, pair_type, self.mul, self.add, self.means, self.stds,
-                                      self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, mask)
+        return spatial_bias(x, pair_type, self.mul, self.add, self.means, self.stds,
+                            self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, mask,
+                            backend=backend)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -91,13 +94,13 @@ class Layer(nn.Module):
         self.qkv, self.out = nn.Linear(cfg.width, 3 * cfg.width), nn.Linear(cfg.width, cfg.width)
         self.ffn = nn.Sequential(nn.Linear(cfg.width, cfg.ffn), nn.GELU(), nn.Linear(cfg.ffn, cfg.width))
 
-    def forward(self, h, logit_bias):
+    def forward(self, h, logit_bias, backend=None):
         b, n, w = h.shape
         q, k, v = self.qkv(self.ln1(h)).reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         # the op, not F.scaled_dot_product_attention: its fused kernels have no forward-mode
         # derivative, which the likelihood's divergence needs (the op's reference and Triton
         # backends have one)
-        a = pair_bias_attention(q, k, v, logit_bias)
+        a = pair_bias_attention(q, k, v, logit_bias, backend=backend)
         h = h + self.out(a.transpose(1, 2).reshape(b, n, w))
         return h + self.ffn(self.ln2(h))
 
@@ -117,6 +120,10 @@ class Graphormer3D(nn.Module):
         self.head_out = nn.Linear(w, 1, bias=False)
         # path lengths 0..max_path, max_path + 1 = farther or unconnected
         self.path_bias = nn.Embedding(cfg.max_path + 2, cfg.heads) if cfg.max_path > 0 else None
+        # None: each op picks per call (device, dtype, what is installed): the reference on
+        # the CPU and in float64, the Triton kernels on a GPU. A name forces it on every op
+        # (tests: "triton" under TRITON_INTERPRET=1). Not part of the config or the weights.
+        self.backend: str | None = None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, atom_types: torch.Tensor,
                 mask: torch.Tensor | None = None, paths: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,7 +131,7 @@ class Graphormer3D(nn.Module):
         paths (N, N) or (B, N, N) long bond-graph distances (models with max_path > 0) -> eps (B, N, d)."""
         b, n, _ = x.shape
         types = atom_types.expand(b, n) if atom_types.dim() == 1 else atom_types
-        bias, phi = self.bias(x, types, mask)
+        bias, phi = self.bias(x, types, mask, self.backend)
         if self.path_bias is not None:
             if paths is None:
                 raise ValueError("this network was built with max_path > 0 and needs bond-graph paths")
@@ -134,12 +141,12 @@ class Graphormer3D(nn.Module):
         h_dtype = self.embed.weight.dtype  # float64 networks too (likelihood checks)
         h = self.embed(types) + self.phi_proj(phi) + self.time(sinusoidal_embedding(t * self.cfg.time_scale, self.cfg.width).to(h_dtype)).unsqueeze(1)
         for layer in self.layers:
-            h = layer(h, bias)
+            h = layer(h, bias, self.backend)
         h = self.ln_out(h)
         heads, dh = self.cfg.heads, self.cfg.width // self.cfg.heads
         q, k, v = self.head_qkv(h).reshape(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4)
-        # the op's softmax, not torch.softmax: torch's forward-mode rule for softmax modifies a
-        # saved result in place, which breaks training through a time derivative (PIDP)
-        attn = attention_probabilities(q, k, bias)
-        eps = vector_head_reference(attn, x, v, self.head_out.weight.reshape(-1))
+        # the op's reference is the attention_probabilities softmax, not torch.softmax: torch's
+        # forward-mode rule for softmax modifies a saved result in place, which breaks
+        # training through a time derivative (PIDP); the Triton backend is the fused head
+        eps = vector_head(q, k, bias, x, v, self.head_out.weight.reshape(-1), backend=self.backend)
         return eps if mask is None else eps * mask.unsqueeze(-1)

@@ -71,8 +71,12 @@ def spatial_bias_rows_reference(x, rows: slice, pair_type, mul, add, means, stds
 
 def spatial_bias(x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask=None, *, backend=None):
     """bias (B, H, N, N), node_features (B, N, K); backend None picks the fastest available
-    for x's device (the Triton kernel on a GPU, else the reference; DIGFAST_BACKEND overrides)."""
+    for x's device and dtype (the Triton kernel on a GPU for float32/16-bit inputs, else the
+    reference; DIGFAST_BACKEND overrides). Both outputs come from the kernel: it sums the
+    masked Gaussians per atom in the same tiles as the bias."""
     name = _backend.choose("spatial_bias", x.device, backend)
+    if backend is None and x.dtype == torch.float64:
+        name = "reference"  # the kernel has no float64 (float64 networks: likelihood checks)
     if name == "reference":
         return spatial_bias_reference(x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask)
     return _backend.impl("spatial_bias", name)(x, pair_type, mul, add, means, stds, w1, b1, w2, b2,

@@ -76,3 +76,20 @@ def fused_vector_head(q, k, bias, x, vw, key_mask=None, *, backend=None):
     if name == "reference":
         return fused_vector_head_reference(q, k, bias, x, vw, key_mask)
     return _backend.impl("fused_vector_head", name)(q, k, bias, x, vw, key_mask)
+
+
+def vector_head(q, k, bias, x, v, weight, key_mask=None, *, backend=None):
+    """The model's head from its per-feature values: sum_h sum_j softmax_j(q.k / sqrt(dh) +
+    bias)_hij u_ij sum_f W[h f] v_hjf, (B, N, d); v (B, H, N, F), weight (H*F,). The backend is
+    chosen per call (x's device, q's dtype, what is installed): the reference is the
+    attention probabilities and vector_head_reference, exactly the unfused computation (the
+    CPU default, every order of derivative); the Triton backend folds W into the values
+    (vw, one scalar per head and atom) and runs the fused kernel, float32 only, so other
+    dtypes take the reference unless a backend is named."""
+    name = _backend.choose("fused_vector_head", q.device, backend)
+    if backend is None and q.dtype != torch.float32:
+        name = "reference"  # the kernel is float32 only (float64 networks, autocast)
+    if name == "reference":
+        return vector_head_reference(attention_probabilities(q, k, bias, key_mask), x, v, weight)
+    vw = torch.einsum("bhjf,hf->bhj", v, weight.reshape(v.shape[1], v.shape[3]))
+    return _backend.impl("fused_vector_head", name)(q, k, bias, x, vw, key_mask)
