@@ -69,8 +69,9 @@ def evaluate(system_name: str, model_name: str, n: int, runs: list[tuple[str, in
 
 
 # samples and sampler runs of the README table, per system
-DEFAULTS = {"dw4": (5000, "ancestral:500,dpm++2m:50"), "lj13": (2000, "ancestral:500,dpm++2m:50"),
-            "alanine-dipeptide": (5000, "ancestral:200,dpm++2m:50")}
+DEFAULTS = {"dw4": (5000, "ancestral:500,dpm++2m-sde:50,dpm++2m:50"),
+            "lj13": (2000, "ancestral:500,dpm++2m-sde:50,dpm++2m:50"),
+            "alanine-dipeptide": (5000, "ancestral:200,dpm++2m-sde:50,dpm++2m:50")}
 
 
 def _cell(row: dict, *keys) -> str:

@@ -94,8 +94,10 @@ def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | N
 
 
 def build_pidp_trainer(system_name: str, run_dir=None, steps: int | None = None, seed: int = 0,
-                       resume: bool = False, overrides: dict | None = None, candidates: int | None = None):
-    """(Trainer with objective 'pidp' on low-energy candidates, CandidateReport); no samples used."""
+                       resume: bool = False, overrides: dict | None = None, candidates: int | None = None,
+                       network: dict | None = None):
+    """(Trainer with objective 'pidp' on low-energy candidates, CandidateReport); no samples used.
+    network: sizes that replace the recipe's (e.g. a smaller net for a quick run)."""
     from digfast.training.candidates import low_energy_candidates
 
     if system_name not in PIDP_RECIPES:
@@ -111,7 +113,7 @@ def build_pidp_trainer(system_name: str, run_dir=None, steps: int | None = None,
         return Trainer.resume(run_dir, train, val, forces=forces), report
     torch.manual_seed(seed)
     net = Graphormer3D(Graphormer3DConfig(n_atom_types=int(system.atom_types.max()) + 1,
-                                          **RECIPES[system_name]["network"]))
+                                          **{**RECIPES[system_name]["network"], **(network or {})}))
     centred = train - train.mean(1, keepdim=True)
     info = {"data": f"PIDP on {len(train)} low-energy candidates (no samples)", "candidates": vars(report)}
     model = ScoreModel(net, make_schedule(RECIPES[system_name]["schedule"]), system,
