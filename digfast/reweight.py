@@ -61,6 +61,12 @@ class FreeEnergy:
     ess_a: float      # of the samples in A (B): how many effectively carry each population
     ess_b: float
 
+    @property
+    def reliable(self) -> bool:
+        """Both states rest on >= 10 effective samples; below that the bootstrap misses the
+        error of weights that a few samples dominate."""
+        return min(self.ess_a, self.ess_b) >= 10
+
 
 def free_energy_difference(in_a, in_b, log_w, kT: float = 1.0, n_boot: int = 500, seed: int = 0) -> FreeEnergy:
     """dF = -kT log(P_B / P_A) for boolean state memberships in_a, in_b of the weighted samples."""

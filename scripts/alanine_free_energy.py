@@ -93,7 +93,7 @@ def analyse(store: dict) -> dict:
         raw = -np.log(in_state(b, phi, psi).mean() / in_state(a, phi, psi).mean()) * KCAL_PER_KT
         rows.append({"states": f"{a} -> {b}", "dF_kcal": fe.delta * KCAL_PER_KT, "err_kcal": fe.error * KCAL_PER_KT,
                      "unweighted_kcal": float(raw), "reference_kcal": ref, "reference_err_kcal": ref_err,
-                     "ess_a": fe.ess_a, "ess_b": fe.ess_b})
+                     "ess_a": fe.ess_a, "ess_b": fe.ess_b, "reliable": fe.reliable})
     return {"n": int(len(lw)), "ess": reweight.effective_sample_size(lw), "rows": rows,
             "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 

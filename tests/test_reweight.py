@@ -30,6 +30,7 @@ def test_free_energy_between_modes_matches_the_target(weighted_samples, a, b):
     exact = -math.log(TARGET_WEIGHTS[b] / TARGET_WEIGHTS[a])
     assert abs(fe.delta - exact) < 3 * fe.error, (fe, exact)
     assert 0.02 < fe.error < 0.3  # the bootstrap error is of the size sampling implies
+    assert fe.reliable
 
 
 def test_ess_and_reweighted_mean(weighted_samples, mixture):
