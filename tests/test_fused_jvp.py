@@ -1,7 +1,8 @@
 """Forward mode through the fused vector head and spatial-bias Triton Functions (interpreted).
 
-Both take their tangents from the reference's JVP in query-row chunks, so the check is that
-the chunks and the tangents reach the right inputs: torch.func.jvp (one tangent set) and
+The vector head's tangent is its fused kernel (tests/test_vector_head_jvp.py checks it in
+detail); the spatial bias takes its tangent from the reference's JVP in query-row chunks. The
+check is that the tangents reach the right inputs: torch.func.jvp (one tangent set) and
 vmap over three sets against torch.func.jvp of the float64 reference, within the float32
 reference's own error (2x) plus 8 EPS of the largest tangent.
 """

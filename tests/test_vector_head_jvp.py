@@ -1,0 +1,110 @@
+"""Forward mode (JVP) of the fused vector head: the Triton tangent kernel (interpreted).
+
+Oracle: torch.func.jvp of fused_vector_head_reference in float64; tolerance as the forward's
+(tests/test_vector_head_kernel.py): 2 * (error of the reference's own float32 JVP) +
+8 * EPS * max|oracle|. Two ways in: the launcher with two tangent sets in one launch (the
+second sharing the first's x tangent by a stride-0 view) into a NaN-filled output, so an entry
+never written fails; and torch.func.jvp through the dispatcher fused_vector_head(backend=
+"triton"), which reaches the kernel through the autograd.Function's jvp.
+"""
+import pytest
+import torch
+
+from digfast.ops.vector_head import fused_vector_head_reference
+
+from interpreted import fresh_generator, run_interpreted
+from test_vector_head_kernel import ARGS, args_of, make_inputs
+
+EPS = 2.0**-23
+TANGENT_OF = {"q": "tq", "k": "tk", "bias": "tbias", "x": "tx", "vw": "tvw"}
+# (B, H, N, dh, d, bias, masked, inputs with a tangent): N = 1, 7, 33 (a partial tile), B = 1
+# and 3 (with an all-padded sample), -inf padding in the bias (as Graphormer3D), no bias, 2-D
+JVP_CASES = [
+    (1, 2, 1, 24, 3, "float", False, "q,k,bias,x,vw"),
+    (3, 2, 7, 32, 3, "float", True, "q,k,bias,x,vw"),
+    (1, 3, 33, 24, 3, "inf", True, "q,k,bias,x,vw"),
+    (3, 1, 33, 12, 2, None, True, "q,x"),
+]
+
+_WORKER = """
+import sys, torch
+sys.path.insert(0, sys.argv[3])
+from digfast.kernels.vector_head import fused_vector_head_jvp_into
+from digfast.ops.vector_head import fused_vector_head
+from test_vector_head_jvp import ARGS, TANGENT_OF, tangent_names
+from test_vector_head_kernel import args_of
+results = []
+for case in torch.load(sys.argv[1]):
+    names = tangent_names(case)
+    args = args_of(case)
+    sets = {n: case["t"][n] for n in names}
+    if "x" in sets:  # the second set shares the first's x tangent: a stride-0 view
+        sets["x"] = sets["x"][:1].expand(2, *sets["x"].shape[1:])
+    tout = torch.full((2, *case["x"].shape), float("nan"))
+    fused_vector_head_jvp_into(tout, *args, *(sets.get(n) for n in TANGENT_OF))
+    named = dict(zip(ARGS, args))
+    f = lambda *xs: fused_vector_head(**{**named, **dict(zip(names, xs))}, backend="triton")
+    one = torch.func.jvp(f, tuple(named[n] for n in names), tuple(sets[n][1] for n in names))[1]
+    results.append((tout, one))
+torch.save(results, sys.argv[2])
+"""
+
+
+def tangent_names(case):
+    return tuple(n for n in case["which"].split(",") if case[n] is not None)
+
+
+def reference_jvp(case, tangents, dtype):
+    """d out of the float `dtype` reference along tangents {name: tensor}."""
+    names = tangent_names(case)
+    args = dict(zip(ARGS, args_of(case, dtype)))
+
+    def f(*xs):
+        return fused_vector_head_reference(**{**args, **dict(zip(names, xs))})
+    return torch.func.jvp(f, tuple(args[n] for n in names),
+                          tuple(tangents[n].to(dtype) for n in names))[1]
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    pytest.importorskip("triton")
+    rng = fresh_generator()
+    cases = []
+    for *shape, which in JVP_CASES:
+        case = make_inputs(rng, *shape)
+        case["which"] = which
+        # two fresh tangent sets; a bias tangent also where the bias is -inf (it must vanish)
+        case["t"] = {n: torch.randn(2, *case[n].shape, generator=rng)
+                     for n in tangent_names(case)}
+        cases.append(case)
+    return cases, run_interpreted(_WORKER, cases, tmp_path_factory.mktemp("triton_vh_jvp"))
+
+
+def _check(name, got, case, tangents):
+    ref64 = reference_jvp(case, tangents, torch.float64)
+    ref32 = reference_jvp(case, tangents, torch.float32)
+    assert torch.isfinite(got).all(), f"{name}: non-finite (unwritten?)"
+    scale = float(ref64.abs().max())
+    err = float((got.double() - ref64).abs().max())
+    tol = 2 * float((ref32.double() - ref64).abs().max()) + 8 * EPS * scale
+    print(f"{name}: error {err:.2e}, tolerance {tol:.2e}, scale {scale:.1e}")
+    assert err <= tol, f"{name}: error {err:.3e} > tolerance {tol:.3e}"
+    return scale
+
+
+@pytest.mark.parametrize("index", range(len(JVP_CASES)),
+                         ids=["B{}-H{}-N{}-dh{}-d{}-{}-mask{}-{}".format(*c) for c in JVP_CASES])
+def test_vector_head_jvp_kernel_matches_reference_interpreted(interpreted, index):
+    cases, outs = interpreted
+    case, (tout, one) = cases[index], outs[index]
+    names = tangent_names(case)
+    scales = []
+    for s in range(2):
+        tangents = {n: case["t"][n][0 if n == "x" else s] for n in names}
+        scales.append(_check(f"launch set {s}", tout[s], case, tangents))
+    _check("torch.func.jvp via the dispatcher", one, case,  # the launch's second set
+           {n: case["t"][n][0 if n == "x" else 1] for n in names})
+    if case["x"].shape[1] > 1:
+        assert max(scales) > 0, "a zero tangent tests nothing"
+    if case["key_mask"] is not None and case["x"].shape[0] > 1:  # the all-padded sample
+        assert (tout[:, 1] == 0).all() and (one[1] == 0).all()
