@@ -48,7 +48,7 @@ def make_case(rng, B, N):
 def forward_and_grads(net, case, dtype=torch.float32):
     """eps, d<cotangent, eps>/dx and the gradient of every weight (by name)."""
     net.zero_grad(set_to_none=True)
-    x = case["x"].to(dtype).requires_grad_(True)
+    x = case["x"].detach().to(dtype, copy=True).requires_grad_(True)  # never the case's own
     eps = net(x, case["t"].to(dtype), case["types"], case["mask"])
     (eps * case["cotangent"].to(dtype)).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
@@ -73,7 +73,11 @@ def interpreted(tmp_path_factory):
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[f"B{b}-N{n}" for b, n in CASES])
 def test_model_with_kernels_matches_reference_interpreted(interpreted, index):
     state, cases, outs = interpreted
-    case, got = cases[index], outs[index]
+    assert_matches_reference(state, cases[index], outs[index])
+
+
+def assert_matches_reference(state, case, got):
+    """got (forward_and_grads of the kernel path, on the CPU) against the float64 reference."""
     ref64 = forward_and_grads(build(state, torch.float64), case, torch.float64)
     ref32 = forward_and_grads(build(state), case)
     assert got.keys() == ref64.keys(), "the kernel path left a weight without gradient"
@@ -95,6 +99,27 @@ def test_model_with_kernels_matches_reference_interpreted(interpreted, index):
     assert float(ref64["eps"].abs().max()) > 0 and float(ref64["x"].abs().max()) > 0
     # padded atoms output 0 on both paths
     assert (got["eps"][~case["mask"]] == 0).all()
+
+
+def on_device(net, case, device):
+    """forward_and_grads of net (its backend as set) on device, results on the CPU."""
+    net = net.to(device)
+    moved = {k: v.to(device) for k, v in case.items()}
+    return {k: v.cpu() for k, v in forward_and_grads(net, moved).items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_model_default_backend_is_the_kernels_and_matches(rng):
+    """On a GPU backend None runs the kernels (every op chooses Triton); N = 100, padded."""
+    from digfast.ops import _backend
+    cuda = torch.device("cuda")
+    if any(_backend.choose(op, cuda) != "triton"
+           for op in ("spatial_bias", "pair_bias_attention", "fused_vector_head")):
+        pytest.skip("Triton not available on this GPU")
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    state = Graphormer3D(Graphormer3DConfig(**CONFIG)).state_dict()
+    case = make_case(rng, 3, 100)
+    assert_matches_reference(state, case, on_device(build(state), case, cuda))
 
 
 def test_default_backend_is_the_reference_on_the_cpu(rng, monkeypatch):

@@ -108,3 +108,43 @@ def test_vector_head_jvp_kernel_matches_reference_interpreted(interpreted, index
         assert max(scales) > 0, "a zero tangent tests nothing"
     if case["key_mask"] is not None and case["x"].shape[0] > 1:  # the all-padded sample
         assert (tout[:, 1] == 0).all() and (one[1] == 0).all()
+
+
+def jvp_on(device, case, backend=None, probes=4, rng=None):
+    """(one tangent set by torch.func.jvp, `probes` sets by vmap) through the dispatcher on
+    device, and the same of the float64 and float32 references, all moving every input."""
+    from digfast.ops.vector_head import fused_vector_head
+    names = tangent_names(case)
+    tangents = {n: torch.randn(probes, *case[n].shape, generator=rng) for n in names}
+
+    def run(fn, dtype, dev):
+        args = dict(zip(ARGS, [None if a is None else a.to(dev) for a in args_of(case, dtype)]))
+
+        def f(*xs):
+            return fn(**{**args, **dict(zip(names, xs))})
+        primals = tuple(args[n] for n in names)
+        ts = tuple(tangents[n].to(dev, dtype) for n in names)
+        one = torch.func.jvp(f, primals, tuple(t[0] for t in ts))[1]
+        many = torch.func.vmap(lambda *t: torch.func.jvp(f, primals, t)[1])(*ts)
+        return one.cpu(), many.cpu()
+    got = run(lambda **a: fused_vector_head(**a, backend=backend), torch.float32, device)
+    return got, run(fused_vector_head_reference, torch.float64, "cpu"), \
+        run(fused_vector_head_reference, torch.float32, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_vector_head_jvp_matches_reference(rng):
+    """On a GPU the dispatcher's default is the kernel: jvp and vmap over 4 probes, N = 100
+    (partial tiles), padding as -inf in the bias."""
+    from digfast.ops import _backend
+    if _backend.choose("fused_vector_head", torch.device("cuda")) != "triton":
+        pytest.skip("Triton not available on this GPU")
+    case = make_inputs(rng, 3, 4, 100, 24, 3, "inf", True)
+    case["which"] = "q,k,bias,x,vw"
+    got, ref64, ref32 = jvp_on("cuda", case, rng=rng)
+    for name, g, r64, r32 in zip(("jvp", "vmap"), got, ref64, ref32):
+        scale = float(r64.abs().max())
+        err = float((g.double() - r64).abs().max())
+        tol = 2 * float((r32.double() - r64).abs().max()) + 8 * EPS * scale
+        print(f"{name}: error {err:.2e}, tolerance {tol:.2e}")
+        assert scale > 0 and err <= tol, f"{name}: error {err:.3e} > tolerance {tol:.3e}"
