@@ -19,8 +19,12 @@ reference in chunks of query rows (spatial_bias_rows_reference) and differentiat
 so gradients for x and every parameter are exact to the reference's, with memory bounded
 by BACKWARD_CHUNK_ELEMENTS. A fused backward kernel (recomputing phi in-tile, reducing
 the weight gradients per program) is future work.
-Forward mode (torch.func.jvp, forward_ad, vmap over tangents or structures): the reference's
-JVP in the same row chunks.
+Forward mode (torch.func.jvp, forward_ad; the likelihood's divergence): one tangent kernel,
+one program per (tangent set, batch, tile of query atoms), recomputes the forward's pair tile
+and carries each quantity's tangent along (distance, y, z, phi, the two MLP layers, the
+node sums), for tangents of x and of every parameter; nothing (B, N, N, K) is stored. The
+tangent is a Function of its own whose vmap rule makes vmap over K probe tangents one launch
+with K tangent sets; vmap over structures folds them into the batch.
 
 Works on triton 3.6 .. newest (no tl.make_block_ptr) and under TRITON_INTERPRET=1.
 """
@@ -176,6 +180,157 @@ def _spatial_bias_fwd_kernel(
              mask=(i_row < n_atoms)[:, None] & k_in[None, :])
 
 
+@triton.jit
+def _gelu_slope(v, PRECISE_MATH: tl.constexpr):
+    """d GELU / dv = Phi(v) + v phi(v), the exact GELU's derivative."""
+    if PRECISE_MATH:
+        e = libdevice.erf(v * INV_SQRT_2)
+    else:
+        e = tl.math.erf(v * INV_SQRT_2)
+    return 0.5 * (1.0 + e) + v * _exp(-0.5 * v * v, PRECISE_MATH) * INV_SQRT_2PI
+
+
+@triton.jit
+def _spatial_bias_jvp_kernel(
+    x_ptr, type_ptr, mul_ptr, add_ptr, means_ptr, stds_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    mask_ptr,       # the primal, as the forward kernel's
+    tx_ptr,         # (T, B, N, D) contiguous, read when HAS_TX
+    tmul_ptr,       # (T, n_types) contiguous; this and the rest read when HAS_TP
+    tadd_ptr,       # (T, n_types) contiguous
+    tmeans_ptr,     # (T, K) contiguous
+    tstds_ptr,      # (T, K) contiguous
+    tw1_ptr,        # (T, K, K) contiguous
+    tb1_ptr,        # (T, K) contiguous
+    tw2_ptr,        # (T, H, K) contiguous
+    tb2_ptr,        # (T, H) contiguous
+    tbias_ptr,      # (T, B, H, N, N) contiguous, output
+    tnode_ptr,      # (T, B, N, K) contiguous, output
+    n_atoms, n_batch, n_types,
+    stride_tb, stride_ti, stride_tj,
+    D: tl.constexpr, K: tl.constexpr, H: tl.constexpr, K_PAD: tl.constexpr,
+    H_PAD: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_TX: tl.constexpr, HAS_TP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PRECISE_MATH: tl.constexpr,
+):
+    # The forward's pair tile again, each quantity followed by its tangent:
+    #   dd = (delta . ddelta) / d,  dy = dmul d + mul dd + dadd,
+    #   dz = (dy - dmu - z ds) / s,  dphi = -phi (z dz + ds / s)    (s = |stds| + floor),
+    #   dpre = dphi W1^T + phi dW1^T + db1,  dhidden = GELU'(pre) dpre,
+    #   dbias = dhidden W2^T + hidden dW2^T + db2,  dnode_i = sum_j dphi_ij (real pairs).
+    BLOCK_P: tl.constexpr = BLOCK_I * BLOCK_J
+    tb = tl.program_id(0).to(tl.int64)    # tangent set * batch
+    ts = tb // n_batch
+    b = tb % n_batch
+    pid_i = tl.program_id(1)
+    dot_dtype = x_ptr.dtype.element_ty
+
+    p = tl.arange(0, BLOCK_P)
+    i = pid_i * BLOCK_I + p // BLOCK_J
+    jj = p % BLOCK_J
+    i_in = i < n_atoms
+    k = tl.arange(0, K_PAD)
+    h = tl.arange(0, H_PAD)
+    k_in = k < K
+    h_in = h < H
+    kk_in = k_in[:, None] & k_in[None, :]
+    kh_in = k_in[:, None] & h_in[None, :]
+
+    means = tl.load(means_ptr + k, mask=k_in, other=0.0).to(tl.float32)
+    stds_raw = tl.load(stds_ptr + k, mask=k_in, other=1.0).to(tl.float32)
+    stds = tl.abs(stds_raw) + STD_FLOOR
+    inv_std = 1.0 / stds
+    norm = INV_SQRT_2PI * inv_std
+    w1t = tl.load(w1_ptr + k[None, :] * K + k[:, None], mask=kk_in, other=0.0).to(dot_dtype)
+    b1 = tl.load(b1_ptr + k, mask=k_in, other=0.0).to(tl.float32)
+    w2t = tl.load(w2_ptr + h[None, :] * K + k[:, None], mask=kh_in, other=0.0).to(dot_dtype)
+    b2 = tl.load(b2_ptr + h, mask=h_in, other=0.0).to(tl.float32)
+    # parameter tangents of this set (zeros without HAS_TP)
+    dmeans = tl.zeros((K_PAD,), dtype=tl.float32)
+    dstd = tl.zeros((K_PAD,), dtype=tl.float32)
+    db1 = tl.zeros((K_PAD,), dtype=tl.float32)
+    db2 = tl.zeros((H_PAD,), dtype=tl.float32)
+    if HAS_TP:
+        dmeans = tl.load(tmeans_ptr + ts * K + k, mask=k_in, other=0.0).to(tl.float32)
+        # d|stds| = sign(stds) dstds (0 at 0, as torch's abs)
+        sign = tl.where(stds_raw > 0.0, 1.0, tl.where(stds_raw < 0.0, -1.0, 0.0))
+        dstd = sign * tl.load(tstds_ptr + ts * K + k, mask=k_in, other=0.0).to(tl.float32)
+        db1 = tl.load(tb1_ptr + ts * K + k, mask=k_in, other=0.0).to(tl.float32)
+        db2 = tl.load(tb2_ptr + ts * H + h, mask=h_in, other=0.0).to(tl.float32)
+        dw1t = tl.load(tw1_ptr + ts * K * K + k[None, :] * K + k[:, None], mask=kk_in,
+                       other=0.0).to(dot_dtype)
+        dw2t = tl.load(tw2_ptr + ts * H * K + h[None, :] * K + k[:, None], mask=kh_in,
+                       other=0.0).to(dot_dtype)
+
+    x_base = x_ptr + b * n_atoms * D
+    tx_base = tx_ptr + tb * n_atoms * D
+    real_i = i_in
+    if HAS_MASK:
+        real_i = real_i & (tl.load(mask_ptr + b * n_atoms + i, mask=i_in, other=0) != 0)
+    node_acc = tl.zeros((BLOCK_P, K_PAD), dtype=tl.float32)
+    tbias_base = tbias_ptr + tb * H * n_atoms * n_atoms
+    i64 = i.to(tl.int64)
+
+    for j0 in range(0, n_atoms, BLOCK_J):
+        j = j0 + jj
+        j_in = j < n_atoms
+        pair_in = i_in & j_in
+        dist2 = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        proj = tl.zeros((BLOCK_P,), dtype=tl.float32)     # delta . ddelta
+        for c in tl.static_range(D):
+            xi = tl.load(x_base + i * D + c, mask=i_in, other=0.0).to(tl.float32)
+            xj = tl.load(x_base + j * D + c, mask=j_in, other=0.0).to(tl.float32)
+            dist2 += (xi - xj) * (xi - xj)
+            if HAS_TX:
+                ti = tl.load(tx_base + i * D + c, mask=i_in, other=0.0).to(tl.float32)
+                tj = tl.load(tx_base + j * D + c, mask=j_in, other=0.0).to(tl.float32)
+                proj += (xj - xi) * (tj - ti)
+        dist = tl.sqrt_rn(dist2)
+        # 0 where the atoms coincide (the reference's sqrt is taken only where r^2 > 0)
+        ddist = tl.where(dist2 > 0.0, proj / tl.where(dist2 > 0.0, dist, 1.0), 0.0)
+
+        t = tl.load(type_ptr + b * stride_tb + i64 * stride_ti + j.to(tl.int64) * stride_tj,
+                    mask=pair_in, other=0)
+        mul = tl.load(mul_ptr + t, mask=pair_in, other=0.0).to(tl.float32)
+        y = mul * dist + tl.load(add_ptr + t, mask=pair_in, other=0.0).to(tl.float32)
+        dy = mul * ddist
+        if HAS_TP:
+            dy += tl.load(tmul_ptr + ts * n_types + t, mask=pair_in, other=0.0).to(tl.float32) \
+                * dist + tl.load(tadd_ptr + ts * n_types + t, mask=pair_in,
+                                 other=0.0).to(tl.float32)
+
+        z = (y[:, None] - means[None, :]) * inv_std[None, :]
+        phi = _exp(-0.5 * z * z, PRECISE_MATH) * norm[None, :]
+        phi = tl.where(k_in[None, :], phi, 0.0)
+        dz = (dy[:, None] - dmeans[None, :] - z * dstd[None, :]) * inv_std[None, :]
+        dphi = -phi * (z * dz + (dstd * inv_std)[None, :])
+
+        pre = tl.dot(phi.to(dot_dtype), w1t, input_precision=DOT_PRECISION) + b1[None, :]
+        dpre = tl.dot(dphi.to(dot_dtype), w1t, input_precision=DOT_PRECISION) + db1[None, :]
+        if HAS_TP:
+            dpre += tl.dot(phi.to(dot_dtype), dw1t, input_precision=DOT_PRECISION)
+        dhidden = _gelu_slope(pre, PRECISE_MATH) * dpre
+        dbias = tl.dot(dhidden.to(dot_dtype), w2t, input_precision=DOT_PRECISION) + db2[None, :]
+        if HAS_TP:
+            hidden = _gelu(pre, PRECISE_MATH)
+            dbias += tl.dot(hidden.to(dot_dtype), dw2t, input_precision=DOT_PRECISION)
+
+        off = h[None, :].to(tl.int64) * n_atoms * n_atoms + (i64 * n_atoms + j)[:, None]
+        tl.store(tbias_base + off, dbias.to(tbias_ptr.dtype.element_ty),
+                 mask=pair_in[:, None] & h_in[None, :])
+
+        real_pair = real_i & j_in
+        if HAS_MASK:
+            real_pair = real_pair & (tl.load(mask_ptr + b * n_atoms + j, mask=j_in,
+                                             other=0) != 0)
+        node_acc += tl.where(real_pair[:, None], dphi, 0.0)
+
+    node = tl.sum(tl.reshape(node_acc, (BLOCK_I, BLOCK_J, K_PAD)), axis=1)
+    i_row = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    node_off = (tb * n_atoms + i_row.to(tl.int64))[:, None] * K + k[None, :]
+    tl.store(tnode_ptr + node_off, node.to(tnode_ptr.dtype.element_ty),
+             mask=(i_row < n_atoms)[:, None] & k_in[None, :])
+
+
 def padded(n: int) -> int:
     """A feature dimension padded for tl.dot: a power of two, at least 16."""
     return max(16, triton.next_power_of_2(n))
@@ -257,6 +412,108 @@ def spatial_bias_forward_into(bias, node_features, x, pair_type, mul, add, means
     return bias, node_features
 
 
+PARAMS = ("mul", "add", "means", "stds", "w1", "b1", "w2", "b2")
+
+
+def spatial_bias_jvp_into(tbias, tnode, x, pair_type, mul, add, means, stds, w1, b1, w2, b2,
+                          mask, tx, tparams):
+    """Launch the tangent kernel: tbias (T, B, H, N, N) and tnode (T, B, N, K) (contiguous,
+    x's dtype) receive, for each of T tangent sets, the derivatives of bias and node_features
+    along tx (T, B, N, D) and tparams, the tangents of (mul, add, means, stds, w1, b1, w2,
+    b2) each (T, *shape) (None: no tangent; a parameter without one while others have one
+    gets zeros). Any strides in; the primal is recomputed in the same tiles."""
+    check_inputs(x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask)
+    B, N, D = x.shape
+    K, H = means.shape[0], b2.shape[0]
+    T = tbias.shape[0]
+    if (tuple(tbias.shape) != (T, B, H, N, N) or tuple(tnode.shape) != (T, B, N, K)
+            or not (tbias.is_contiguous() and tnode.is_contiguous())):
+        raise ValueError(f"outputs must be contiguous {(T, B, H, N, N)} and {(T, B, N, K)}, got "
+                         f"{tuple(tbias.shape)} and {tuple(tnode.shape)}")
+    primal = dict(zip(PARAMS, (mul, add, means, stds, w1, b1, w2, b2)))
+    has_tp = any(t is not None for t in tparams)
+    for name, t in (("tx", tx), *zip(PARAMS, tparams)):
+        shape = x.shape if name == "tx" else primal[name].shape
+        if t is not None and (tuple(t.shape) != (T, *shape) or t.device != x.device):
+            raise ValueError(f"{name} must be {(T, *shape)} on {x.device}, got "
+                             f"{tuple(t.shape)} on {t.device}")
+    if T * B == 0:
+        return tbias, tnode
+    tx_arg = tx.to(x.dtype).contiguous() if tx is not None else x   # placeholder, never read
+    tp_args = [x] * len(PARAMS)
+    if has_tp:
+        tp_args = [(t.to(x.dtype) if t is not None
+                    else torch.zeros(T, *primal[n].shape, dtype=x.dtype, device=x.device)
+                    ).contiguous() for n, t in zip(PARAMS, tparams)]
+    x, mul, add, means, stds, w1, b1, w2, b2 = (
+        t.contiguous() for t in (x, mul, add, means, stds, w1, b1, w2, b2))
+    mask_arg = mask.contiguous() if mask is not None else x
+    k_pad, h_pad = padded(K), padded(H)
+    block_i, block_j, num_warps = launch_config(N, k_pad)
+    _spatial_bias_jvp_kernel[(T * B, triton.cdiv(N, block_i))](
+        x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask_arg, tx_arg, *tp_args,
+        tbias, tnode, N, B, mul.shape[0],
+        pair_type.stride(0), pair_type.stride(1), pair_type.stride(2),
+        D=D, K=K, H=H, K_PAD=k_pad, H_PAD=h_pad, BLOCK_I=block_i, BLOCK_J=block_j,
+        HAS_MASK=mask is not None, HAS_TX=tx is not None, HAS_TP=has_tp,
+        DOT_PRECISION="ieee", PRECISE_MATH=x.is_cuda, num_warps=num_warps,
+        enable_fp_fusion=True)
+    return tbias, tnode
+
+
+def _tangent(primal, tx, tparams, count):
+    """count tangent sets -> (d bias (count, B, H, N, N), d node_features (count, B, N, K))."""
+    x, means, b2 = primal[0], primal[4], primal[9]
+    B, N, _ = x.shape
+    tbias = torch.empty(count, B, b2.shape[0], N, N, dtype=x.dtype, device=x.device)
+    tnode = torch.empty(count, B, N, means.shape[0], dtype=x.dtype, device=x.device)
+    return spatial_bias_jvp_into(tbias, tnode, *primal, tx, tparams)
+
+
+class SpatialBiasTangent(torch.autograd.Function):
+    """The outputs' tangents from the primal and the input tangents; a Function of its own so
+    that vmap over tangents (K Hutchinson probes) is one launch over K tangent sets."""
+
+    @staticmethod
+    def forward(x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask, tx, *tparams):
+        one = [None if t is None else t.unsqueeze(0) for t in (tx, *tparams)]
+        tbias, tnode = _tangent((x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask),
+                                one[0], one[1:], 1)
+        return tbias[0], tnode[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, x, pair_type, *rest):
+        size = info.batch_size
+        params, mask, tangents = rest[:8], rest[8], rest[9:]
+        if any(d is not None for d in in_dims[2:10]):
+            raise NotImplementedError("spatial_bias_triton: vmap over the parameters")
+        if any(d is not None for d in (in_dims[0], in_dims[1], in_dims[10])):
+            # vmap over structures: x, pair_type, mask and x's tangent join the batch; the
+            # parameter tangents must then be shared (no per-structure parameter tangents)
+            if any(d is not None for d in in_dims[12:]):
+                raise NotImplementedError("spatial_bias_triton: parameter tangents that vary "
+                                          "with a vmapped structure dimension")
+            folded = []
+            for t, d in zip((x, pair_type, mask, tangents[0]),
+                            (in_dims[0], in_dims[1], in_dims[10], in_dims[11])):
+                if t is not None:
+                    t = t.movedim(d, 0) if d is not None else t.expand(size, *t.shape)
+                    t = t.reshape(size * t.shape[1], *t.shape[2:])
+                folded.append(t)
+            one = [None if t is None else t.unsqueeze(0) for t in (folded[3], *tangents[1:])]
+            tbias, tnode = _tangent((folded[0], folded[1], *params, folded[2]), one[0], one[1:], 1)
+            return ((tbias[0].reshape(size, -1, *tbias.shape[2:]),
+                     tnode[0].reshape(size, -1, *tnode.shape[2:])), (0, 0))
+        sets = [None if t is None else (t.movedim(d, 0) if d is not None
+                                        else t.expand(size, *t.shape))
+                for t, d in zip(tangents, in_dims[11:])]
+        return _tangent((x, pair_type, *params, mask), sets[0], sets[1:], size), (0, 0)
+
+
 def backward_chunk_rows(batch: int, n_atoms: int, features: int) -> int:
     """Query rows per recompute chunk of the backward (at least one)."""
     return max(1, BACKWARD_CHUNK_ELEMENTS // max(1, batch * n_atoms * features))
@@ -281,28 +538,10 @@ class SpatialBiasTriton(torch.autograd.Function):
         ctx.save_for_forward(*inputs)
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        """Forward mode by the reference, row chunk by row chunk (as the backward)."""
+    def jvp(ctx, tx, _tpair, *tangents):
+        """Forward mode by the fused tangent kernel (the primal recomputed in its tiles)."""
         x, pair_type, *params, mask = ctx.saved_tensors
-        positions = (0, 2, 3, 4, 5, 6, 7, 8, 9)  # x and the parameters
-        moving = [n for n, pos in enumerate(positions) if tangents[pos] is not None]
-        primals = [x, *params]
-        B, N, _ = x.shape
-        step = backward_chunk_rows(B, N, max(params[2].shape[0], params[7].shape[0]))
-        bias_parts, node_parts = [], []
-        for r0 in range(0, N, step):
-            rows = slice(r0, min(r0 + step, N))
-
-            def chunk(*args):
-                a = list(primals)
-                for n, t in zip(moving, args):
-                    a[n] = t
-                return spatial_bias_rows_reference(a[0], rows, pair_type, *a[1:], mask=mask)
-            _, (tb, tn) = torch.func.jvp(chunk, tuple(primals[n] for n in moving),
-                                         tuple(tangents[positions[n]] for n in moving))
-            bias_parts.append(tb)
-            node_parts.append(tn)
-        return torch.cat(bias_parts, dim=2), torch.cat(node_parts, dim=1)
+        return SpatialBiasTangent.apply(x, pair_type, *params, mask, tx, *tangents[:8])
 
     @staticmethod
     def vmap(info, in_dims, x, pair_type, mul, add, means, stds, w1, b1, w2, b2, mask):
