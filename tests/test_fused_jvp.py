@@ -1,9 +1,10 @@
 """Forward mode through the fused vector head and spatial-bias Triton Functions (interpreted).
 
 Both tangents are fused kernels (checked in detail by tests/test_vector_head_jvp.py and
-tests/test_spatial_bias_jvp.py). The check here is that the tangents reach the right inputs: torch.func.jvp (one tangent set) and
-vmap over three sets against torch.func.jvp of the float64 reference, within the float32
-reference's own error (2x) plus 8 EPS of the largest tangent.
+tests/test_spatial_bias_jvp.py). The check here is that the tangents reach the right
+inputs: torch.func.jvp (one tangent set) and vmap over three sets against torch.func.jvp of
+the float64 reference, within the float32 reference's own error (2x) plus 8 EPS of the
+largest tangent.
 """
 import pytest
 import torch

@@ -110,3 +110,20 @@ def test_spatial_bias_jvp_kernel_matches_reference_interpreted(interpreted, inde
         assert scales[0] > 0, "a zero bias tangent tests nothing"
     _check("torch.func.jvp via the dispatcher", one, case,  # the launch's second set
            {n: case["t"][n][0 if n == "x" else 1] for n in names})
+
+
+@pytest.mark.slow  # minutes of LLVM on a loaded CPU
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") == "1",
+                    reason="interpreted here")
+@pytest.mark.parametrize("dtype,K,H", [("fp32", 24, 4), ("bf16", 128, 32)])
+def test_spatial_bias_jvp_kernel_compiles_for_gpus(dtype, K, H):
+    from digfast.kernels.spatial_bias import _spatial_bias_jvp_kernel, launch_config, padded
+    from test_vector_head_jvp import compile_for_gpus
+    block_i, block_j, warps = launch_config(256, padded(K))
+    pointers = {p.name: f"*{dtype}" for p in _spatial_bias_jvp_kernel.params
+                if p.name.endswith("_ptr")}
+    compile_for_gpus(_spatial_bias_jvp_kernel,
+                     dict(D=3, K=K, H=H, K_PAD=padded(K), H_PAD=padded(H), BLOCK_I=block_i,
+                          BLOCK_J=block_j, HAS_MASK=True, HAS_TX=True, HAS_TP=True,
+                          DOT_PRECISION="ieee", PRECISE_MATH=True),
+                     {**pointers, "type_ptr": "*i64", "mask_ptr": "*i1"}, (), warps)

@@ -148,3 +148,45 @@ def test_gpu_vector_head_jvp_matches_reference(rng):
         tol = 2 * float((r32.double() - r64).abs().max()) + 8 * EPS * scale
         print(f"{name}: error {err:.2e}, tolerance {tol:.2e}")
         assert scale > 0 and err <= tol, f"{name}: error {err:.3e} > tolerance {tol:.3e}"
+
+
+def compile_for_gpus(kernel, constexprs, pointer_types, float_args=(), num_warps=4):
+    """Compile (not run) kernel for sm_90, its signature built from its parameter
+    names: *_ptr -> pointer_types.get(name, "*fp32"), float_args -> fp32, the rest integers
+    (strides i64). Catches type and lowering errors without a GPU."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as err:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {err}")
+    signature = {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            signature[p.name] = pointer_types.get(p.name, "*fp32")
+        elif p.name in float_args:
+            signature[p.name] = "fp32"
+        else:
+            signature[p.name] = "i64" if p.name.startswith("stride") else "i32"
+    try:
+        src = ASTSource(kernel, signature, constexprs=constexprs)
+    except TypeError as err:  # the ASTSource API changes between releases
+        pytest.skip(f"ASTSource API differs in triton {triton.__version__}: {err}")
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert ".entry" in compiled.asm["ptx"]
+
+
+@pytest.mark.slow  # minutes of LLVM on a loaded CPU
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") == "1",
+                    reason="interpreted here")
+def test_vector_head_jvp_kernel_compiles_for_gpus():
+    from digfast.kernels.vector_head import _fused_vector_head_jvp_kernel, launch_config, padded
+    block_m, block_n, warps = launch_config(256)
+    flags = dict.fromkeys(("HAS_BIAS", "HAS_MASK", "HAS_TQ", "HAS_TK", "HAS_TB", "HAS_TX",
+                           "HAS_TW"), True)
+    compile_for_gpus(_fused_vector_head_jvp_kernel,
+                     dict(DH=24, D_PAD=padded(24), SPACE_DIM=3, BLOCK_M=block_m, BLOCK_N=block_n,
+                          DOT_PRECISION="ieee", **flags),
+                     {"mask_ptr": "*i1"}, ("scale2", "scale", "eps"), warps)
