@@ -3,7 +3,8 @@
 The model's backend "triton" sends the spatial bias (bias and per-atom Gaussian sums), the
 pair-bias attention of every layer and the fused vector head through the kernels; None (the
 default) keeps the reference on the CPU. Oracle: the reference model in float64; tolerance
-per tensor (output, input gradient, each weight gradient): 2 * (error of the reference model
+per tensor (output, input gradient, each weight gradient, forward-mode derivative along a
+coordinate tangent: the kernels' tangent kernels): 2 * (error of the reference model
 in float32) + 8 * EPS * max|oracle|, as the op-level tests.
 """
 import pytest
@@ -42,17 +43,23 @@ def make_case(rng, B, N):
     mask[:, 0] = True
     return dict(x=1.5 * torch.randn(B, N, 3, generator=rng), t=torch.rand(B, generator=rng),
                 types=torch.randint(0, CONFIG["n_atom_types"], (B, N), generator=rng), mask=mask,
-                cotangent=torch.randn(B, N, 3, generator=rng))
+                cotangent=torch.randn(B, N, 3, generator=rng),
+                tangent=torch.randn(B, N, 3, generator=rng))
 
 
 def forward_and_grads(net, case, dtype=torch.float32):
-    """eps, d<cotangent, eps>/dx and the gradient of every weight (by name)."""
+    """eps, d<cotangent, eps>/dx, the gradient of every weight (by name) and the forward-mode
+    derivative of eps along the coordinate tangent (the likelihood's divergence uses it)."""
     net.zero_grad(set_to_none=True)
     x = case["x"].detach().to(dtype, copy=True).requires_grad_(True)  # never the case's own
     eps = net(x, case["t"].to(dtype), case["types"], case["mask"])
     (eps * case["cotangent"].to(dtype)).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
-    return dict(eps=eps.detach(), x=x.grad.detach(), **{f"w.{n}": g for n, g in grads.items()})
+    with torch.no_grad():
+        jvp = torch.func.jvp(lambda y: net(y, case["t"].to(dtype), case["types"], case["mask"]),
+                             (x.detach(),), (case["tangent"].to(dtype),))[1]
+    return dict(eps=eps.detach(), x=x.grad.detach(), jvp=jvp,
+                **{f"w.{n}": g for n, g in grads.items()})
 
 
 @pytest.fixture(scope="module")
