@@ -50,7 +50,7 @@ python bench/protein.py --device cuda --lengths 64 256 --dtype bf16 --batch auto
   --skip-reference --json "$OUT/bench_protein_eager.json" | tee "$OUT/bench_protein_eager.txt"
 # whole Graphormer-3D (12 x 768, 32 heads, 128 Gaussians, N = 256, B = 8, fp32): kernels vs eager reference
 python bench/bench_model.py --size reference --atoms 256 --batch 8 --backward --json "$OUT/bench_model.json" | tee "$OUT/bench_model.txt" || true
-python -m pytest -q -p no:cacheprovider tests/test_graphormer3d_kernels.py tests/test_vector_head_jvp.py 2>&1 | tail -5 | tee "$OUT/tests_model_kernels.txt" || true
+python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_graphormer3d_kernels.py tests/test_vector_head_jvp.py tests/test_spatial_bias_jvp.py 2>&1 | tail -5 | tee "$OUT/tests_model_kernels.txt" || true
 # forward-mode tests last: a failure here (pipefail) stops nothing measured above
 python -m pytest -q -p no:cacheprovider tests/test_divergence.py tests/test_backend.py \
   tests/test_pair_bias_attention_jvp.py tests/test_fused_jvp.py 2>&1 | tail -5 | tee "$OUT/tests_divergence.txt"
