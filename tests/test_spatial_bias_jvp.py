@@ -1,8 +1,10 @@
 """Forward mode (JVP) of the spatial bias: the Triton tangent kernel (interpreted).
 
 Oracle: torch.func.jvp of spatial_bias_reference in float64; tolerance per output (bias and
-node features) as the forward's: 2 * (error of the reference's own float32 JVP) +
-8 * EPS * max|oracle|. Two ways in: the launcher with two tangent sets in one launch (the
+node features): 2 * (error of the reference's own float32 JVP) + 16 * EPS * max|oracle|, twice
+the forward's floor: the Gaussians' tangent -phi z dz multiplies the rounding of y by |z| (up
+to ~10 with these narrow Gaussians), which makes the float32 reference's own error a noisy
+yardstick (kernel / reference error ratios up to ~0.8 seen over 20 runs at 8 EPS). Two ways in: the launcher with two tangent sets in one launch (the
 second sharing the first's x tangent by a stride-0 view) into NaN-filled outputs, so an entry
 never written fails; and torch.func.jvp through the dispatcher spatial_bias(backend="triton"),
 which reaches the kernel through the autograd.Function's jvp.
@@ -90,7 +92,7 @@ def _check(name, got, case, tangents):
         assert torch.isfinite(g).all(), f"{name} {part}: non-finite (unwritten?)"
         scale = float(r64.abs().max())
         err = float((g.double() - r64).abs().max())
-        tol = 2 * float((r32.double() - r64).abs().max()) + 8 * EPS * scale
+        tol = 2 * float((r32.double() - r64).abs().max()) + 16 * EPS * scale
         print(f"{name} {part}: error {err:.2e}, tolerance {tol:.2e}, scale {scale:.1e}")
         assert err <= tol, f"{name} {part}: error {err:.3e} > tolerance {tol:.3e}"
         scales.append(scale)
