@@ -17,7 +17,7 @@ from interpreted import fresh_generator, run_interpreted
 EPS = 2.0**-23
 CONFIG = dict(n_atom_types=3, layers=2, width=32, heads=4, ffn=48, gaussians=16)
 # (B, N): a single-tile and a partial-tile molecule, both padded (mask)
-CASES = [(2, 7), (2, 33)]
+CASES = [(2, 7), (1, 33)]
 
 _WORKER = """
 import sys, torch
