@@ -9,7 +9,7 @@ from digfast.ops.sampler_step import remove_com
 from digfast.schedules import GeometricVE, LinearVP
 from digfast.systems import DoubleWell4
 from digfast.training import TrainConfig, Trainer
-from digfast.training.pidp import (force_match, fokker_planck_residual, network_score, pidp_loss,
+from digfast.training.pidp import (force_match, fokker_planck_residual, network_score, pidp_loss, prior_match,
                                    rademacher_subspace_probes, subspace_basis, time_derivative)
 
 
@@ -86,6 +86,18 @@ def test_force_term_vanishes_for_the_boltzmann_score(rng):
     assert match.mean() < 1e-4
     weak = force_match(lambda x, t: 0.5 * system.force(x), schedule, x0, eps, forces, 1e-5)
     assert weak.mean() > 0.2
+
+
+def test_prior_anchor_holds_for_the_exact_score_only(mixture, rng):
+    """s = 0 solves the Fokker-Planck equation too; the anchor at t_max is what excludes it."""
+    schedule = LinearVP()
+    exact = mixture.model(schedule)
+    x0, _ = mixture.sample(256, rng)
+    eps = remove_com(torch.randn(x0.shape, generator=rng, dtype=torch.float64))
+    assert prior_match(exact.score, schedule, x0, eps).mean() < 1e-3
+    assert prior_match(lambda x, t: 0 * x, schedule, x0, eps).mean() > 0.5
+    zero, _ = fokker_planck_residual(lambda x, t: 0 * x, schedule, x0, 0.5 + 0 * eps[:, 0, 0])
+    assert zero.abs().max() == 0
 
 
 def _tiny(seed=0, dtype=torch.float32):

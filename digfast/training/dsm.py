@@ -52,6 +52,8 @@ class TrainConfig:
     objective: str = "dsm"  # "pidp": Fokker-Planck residual + force match on candidates (training/pidp.py)
     pidp_force_weight: float = 1.0  # lambda_1 of the force term at t_min
     pidp_probes: int = 0  # divergence: 0 = exact over the subspace basis, k > 0 = k Rademacher probes
+    pidp_floor: float = 0.1  # finest length scale (normalised units) in the residual's weight
+    pidp_prior_weight: float = 1.0  # anchor at t_max: the prior's score
     extra: dict = field(default_factory=dict)
 
 

@@ -12,9 +12,13 @@ divergence runs over an orthonormal basis of the subspace (exact) or over projec
 Rademacher probes (Hutchinson), differentiated twice by autograd so the loss trains the
 weights. d/dt s is exact too: autodiff in t (see time_derivative).
 
-Residual scale: near t = 0, s ~ 1/sigma and both sides of the equation grow like
-g^2 / sigma^3, so the loss weighs each residual by sigma^3 / g^2 (O(1) at every t), the
-analogue of DSM's sigma^2 weighting.
+Residual scale: for data of unit variance both sides of the equation are O(g^2 |s|) with
+|s| ~ 1 / sqrt(sigma^2 + alpha^2 v); the loss weighs each residual by sqrt(sigma^2 + c^2) / g^2
+with c = pidp_floor (the data's finest length scale in normalised units), O(1) at every t.
+A weight that falls like sigma^3 near t = 0 lets the network pass from the force at t_min to
+s = 0 (which solves the equation at every t) in a thin, unpenalised layer; the floor and an
+anchor at t_max, where the forward process has forgotten the data and s = -x / sigma^2 (the
+prior's score), rule that out.
 """
 from __future__ import annotations
 
@@ -80,10 +84,10 @@ def time_derivative(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return jvp
 
 
-def residual_weight(schedule, t: torch.Tensor) -> torch.Tensor:
-    """sigma^3 / g^2: makes the residual O(1) at every t (see the module docstring)."""
+def residual_weight(schedule, t: torch.Tensor, floor: float = 0.1) -> torch.Tensor:
+    """sqrt(sigma^2 + floor^2) / g^2: the residual O(1) at every t (see the module docstring)."""
     t = t.double()
-    return (schedule.sigma(t) ** 3 / schedule.diffusion2(t))
+    return torch.sqrt(schedule.sigma(t) ** 2 + floor**2) / schedule.diffusion2(t)
 
 
 def network_score(model, net=None):
@@ -127,8 +131,21 @@ def pidp_loss(model, net, x0, t, eps, forces, cfg, generator) -> torch.Tensor:
     if cfg.pidp_probes > 0:
         probes = rademacher_subspace_probes(cfg.pidp_probes, b, n, d, generator, x0.dtype)
     residual, _ = fokker_planck_residual(score, sched, xt, t, probes=probes)
-    w = residual_weight(sched, tt).to(x0.dtype)
+    w = residual_weight(sched, tt, cfg.pidp_floor).to(x0.dtype)
     loss = (w[:, None, None] * residual).pow(2).sum((1, 2)).mean() / ((n - 1) * d)
     if forces is not None and cfg.pidp_force_weight > 0:
         loss = loss + cfg.pidp_force_weight * force_match(score, sched, x0, eps, forces, cfg.t_min).mean()
+    if cfg.pidp_prior_weight > 0:
+        loss = loss + cfg.pidp_prior_weight * prior_match(score, sched, x0, eps).mean()
     return loss
+
+
+def prior_match(score, schedule, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """(B,) |sigma_T (s(x_T, T) + x_T / sigma_T^2)|^2 / D' at x_T = alpha_T x0 + sigma_T eps: at
+    t_max the score is the prior's up to O(alpha_T) (VP: alpha_T ~ 0.007)."""
+    t_max = schedule.t_max
+    alpha, sigma = float(schedule.alpha(t_max)), float(schedule.sigma(t_max))
+    x = alpha * x0 + sigma * eps
+    s = remove_com(score(x, torch.full((x0.shape[0],), t_max, dtype=x0.dtype, device=x0.device)))
+    dof = (x0.shape[1] - 1) * x0.shape[2]
+    return (sigma * s + x / sigma).pow(2).sum((1, 2)) / dof
