@@ -3,6 +3,10 @@
     out_i^c = sum_h,f W[h f] sum_j a_hij u_ij^c v_hjf,   u_ij = (r_j - r_i) / |r_j - r_i|
 with a_hij the attention of head h (softmax over j of q.k / sqrt(dh) + bias, padded keys and
 j = i left out). Rotating r rotates u and so the output; translations do not touch it.
+
+vector_head() is the model's entry: the reference (attention probabilities, then the sum
+above) on the CPU, or the fused Triton kernel (kernels/vector_head.py: forward, chunked
+reference backward, fused tangent kernel for forward mode) on a GPU.
 """
 from __future__ import annotations
 
