@@ -147,6 +147,7 @@ def test_short_pidp_run_lowers_the_loss(rng):
     cfg = TrainConfig(steps=40, batch_size=32, lr=3e-3, warmup=2, val_every=20, val_batches=2, seed=5,
                       objective="pidp", pidp_probes=1)
     trainer = Trainer(model, cand, cand[:64], cfg, forces=system.force(cand.double()).float())
+    assert trainer.model.net.backend == trainer.ema.backend == "reference"  # kernels: once-differentiable
     before = trainer.validate()
     trainer.fit(progress=False)
     assert trainer.validate() < 0.95 * before

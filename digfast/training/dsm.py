@@ -96,6 +96,8 @@ class Trainer:
         self.train = remove_com(train.float()) / scale
         self.val = None if val is None else remove_com(val.float()) / scale
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        if config.objective == "pidp":  # third-order autograd: the Triton backwards are once-differentiable
+            model.net.backend = "reference"
         self.ema = copy.deepcopy(model.net).requires_grad_(False)
         self.opt = torch.optim.AdamW(model.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.gen = torch.Generator().manual_seed(config.seed)
