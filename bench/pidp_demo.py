@@ -26,6 +26,9 @@ def main(argv=None):
     ap.add_argument("--candidates", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--probes", type=int, default=None, help="0: exact divergence")
+    ap.add_argument("--force-weight", type=float, default=None)
+    ap.add_argument("--prior-weight", type=float, default=None)
+    ap.add_argument("--t-power", type=float, default=None)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("-n", type=int, default=2000, help="samples for the evaluation")
@@ -35,7 +38,9 @@ def main(argv=None):
     network = {k: v for k, v in (("layers", args.layers), ("width", args.width)) if v is not None}
     if "width" in network:
         network.update(ffn=2 * network["width"])
-    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("pidp_probes", args.probes)) if v is not None}
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("pidp_probes", args.probes),
+                                   ("pidp_force_weight", args.force_weight), ("pidp_prior_weight", args.prior_weight),
+                                   ("t_power", args.t_power)) if v is not None}
     trainer, report = build_pidp_trainer(args.system, f"{args.out}/run", steps=args.steps, network=network,
                                          overrides=overrides, candidates=args.candidates)
     print(f"candidates: {report.n} in {report.seconds:.1f} s, {report.energy_evaluations} energy evaluations")
