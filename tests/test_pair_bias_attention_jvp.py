@@ -85,7 +85,8 @@ mask = torch.ones(2, 7, dtype=torch.bool)
 mask[1, 5:] = False
 eps = rademacher_probes(3, 1, torch.arange(2), (7, 3), mask)
 def div(attention):
-    g.pair_bias_attention = attention
+    g.pair_bias_attention = lambda q, k, v, bias=None, key_mask=None, backend=None: attention(q, k, v, bias,
+                                                                                             key_mask)
     drift = _Drift(lambda y, t, m: net(y, t, torch.zeros(7, dtype=torch.long), m), LinearVP(),
                    mask, "hutchinson-forward", eps)
     return drift.divergence_at(x, 0.3)[1]
