@@ -20,6 +20,7 @@ import digfast
 from digfast.cli import main
 from digfast.ensemble import Ensemble, EnsembleError, sample_ensemble
 from digfast.io import InputError, load_positions
+from digfast.protein.inputs import read_fasta, read_representations
 from digfast.validity import BondLengths, Clashes, EnergyCutoff
 
 CASES = []
@@ -501,6 +502,73 @@ case("ensemble-bad-sampler-touches-nothing", ValueError, "unknown sampler")(
     lambda tmp: sample_ensemble(model(), tmp / "out" / "run", 10, steps=2, sampler="nope"))
 case("ensemble-bad-chunk-size", ValueError, "chunk_size must be >= 1")(
     lambda tmp: sample_ensemble(model(), tmp / "out" / "run", 10, steps=2, chunk_size=0))
+
+
+# ---- protein inputs: AlphaFold2 representations, FASTA, the sampler's sequence ----------------
+def protein_file(name, write):
+    def setup(tmp):
+        write(tmp / "in" / name)
+    return Case(lambda tmp: read_representations(tmp / "in" / name), setup)
+
+
+def npz(**arrays):
+    return lambda path: np.savez(path, **arrays)
+
+
+def raw(content: bytes):
+    return lambda path: path.write_bytes(content)
+
+
+def pickled(obj):
+    import pickle
+
+    return lambda path: path.write_bytes(pickle.dumps(obj))
+
+
+L5 = dict(single=np.ones((5, 384), np.float32), pair=np.ones((5, 5, 128), np.float32))
+PROTEIN_CASES = [
+    ("pair-not-square", "a.npz", npz(single=L5["single"], pair=np.ones((5, 4, 128))), r"pair must be \(5, 5, 128\)"),
+    ("single-wrong-width", "a.npz", npz(single=np.ones((5, 256)), pair=L5["pair"]), r"single must be \(L, 384\)"),
+    ("single-empty", "a.npz", npz(single=np.ones((0, 384)), pair=np.ones((0, 0, 128))), r"single must be \(L, 384\)"),
+    ("pair-nan", "a.npz", npz(single=L5["single"], pair=np.full((5, 5, 128), np.nan)), "pair contains NaN/inf"),
+    ("single-inf", "a.npz", npz(single=np.full((5, 384), np.inf), pair=L5["pair"]), "single contains NaN/inf"),
+    ("single-strings", "a.npz", npz(single=np.full((5, 384), "x"), pair=L5["pair"]), "single must be real numbers"),
+    ("no-pair", "a.npz", npz(single=L5["single"]), "no 'pair' array"),
+    ("truncated-npz", "a.npz", lambda path: (np.savez(path, **L5), path.write_bytes(path.read_bytes()[:200])),
+     "cannot read it"),
+    ("not-a-zip", "a.npz", raw(b"plain text, not an npz"), "cannot read it"),
+    ("pickle-of-list", "a.pkl", pickled([1, 2, 3]), "holds a list, not a dict of arrays"),
+    ("pickle-truncated", "a.pkl", lambda path: (pickled(L5)(path), path.write_bytes(path.read_bytes()[:50])),
+     "cannot read it"),
+    ("pickle-code", "a.pkl", pickled({"single": Path("x")}), "only numpy arrays and dicts are read"),
+    ("unknown-suffix", "a.json", raw(b"{}"), "unknown format '.json'"),
+]
+for name, fname, write, match in PROTEIN_CASES:
+    case(f"protein-inputs-{name}", InputError, match)(protein_file(fname, write))
+case("protein-inputs-missing-file", FileNotFoundError, "no such file")(
+    lambda tmp: read_representations(tmp / "in" / "absent.npz"))
+for name, text in (("empty", ">x\n\n"), ("digits", ">x\nACD123\n"), ("no-header-blank", "\n")):
+    case(f"protein-fasta-{name}", InputError, "no one-letter sequence")(
+        Case(lambda tmp: read_fasta(tmp / "in" / "s.fasta"),
+             lambda tmp, t=text: (tmp / "in" / "s.fasta").write_text(t)))
+
+
+def protein_sample(**kw):
+    def call(tmp):
+        from protein_helpers import SMALL, random_model
+
+        from digfast.protein.engine import sample_protein
+
+        model = random_model(SMALL, torch.Generator().manual_seed(0))
+        single, pair = torch.ones(5, 384), torch.ones(5, 5, 128)
+        return sample_protein(model, single, pair, **{"n": 1, "steps": 2, **kw})
+    return call
+
+
+case("protein-sample-sequence-length", ValueError, "sequence has 3 residues, the representations 5")(
+    protein_sample(sequence="AAA", out=None))
+case("protein-sample-output-without-sequence", ValueError, "needs the sequence")(
+    lambda tmp: protein_sample(out=tmp / "out" / "p.xtc")(tmp))
 
 
 def snapshot(root: Path) -> dict:

@@ -50,11 +50,17 @@ def _read_mapping(path: Path) -> dict:
 
 def check_representations(single, pair, name: str = "inputs", d_single: int = 384, d_pair: int = 128):
     """(single (L, d_single), pair (L, L, d_pair)) as finite float32 tensors, or InputError."""
-    single = torch.as_tensor(np.asarray(single) if not isinstance(single, torch.Tensor) else single)
-    pair = torch.as_tensor(np.asarray(pair) if not isinstance(pair, torch.Tensor) else pair)
-    for label, t in (("single", single), ("pair", pair)):
+    arrays = {}
+    for label, a in (("single", single), ("pair", pair)):
+        if not isinstance(a, torch.Tensor):
+            a = np.asarray(a)
+            if a.dtype.kind not in "fiu":  # strings, objects, complex: torch cannot or must not take them
+                raise InputError(f"{name}: {label} must be real numbers, got {a.dtype}")
+        t = torch.as_tensor(a)
         if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
             raise InputError(f"{name}: {label} must be real numbers, got {t.dtype}")
+        arrays[label] = t
+    single, pair = arrays["single"], arrays["pair"]
     if single.dim() != 2 or single.shape[1] != d_single or single.shape[0] < 1:
         raise InputError(f"{name}: single must be (L, {d_single}), got {tuple(single.shape)}")
     L = single.shape[0]
