@@ -25,6 +25,13 @@ def add_parsers(sub):
                    help="reference: the public way (one structure per call); fast: batched, precomputed")
     p.add_argument("--init-state", default=None,
                    help="npz with tr (L, 3) / rot_mat (L, 3, 3) (a public *_init_state.npz) or (n, L, ...) arrays")
+    p.add_argument("--ca-tolerance", type=float, default=None,
+                   help="reject structures with a consecutive CA-CA distance off 3.8 A by more than this")
+    p.add_argument("--min-ca-distance", type=float, default=None,
+                   help="reject structures with two non-adjacent C-alphas closer than this (A)")
+    p.add_argument("--on-invalid", default="redraw", choices=["redraw", "drop", "keep"],
+                   help="NaN/inf or rejected structures: redraw (derived seed), drop or keep")
+    p.add_argument("--max-attempts", type=int, default=10)
     p.add_argument("--json", default=None, help="write the run's metadata here")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
@@ -43,6 +50,15 @@ def _init_state(path, n):
     return tr, rot
 
 
+def _validity(args):
+    from digfast.protein.validity import BackboneGeometry
+
+    if args.ca_tolerance is None and args.min_ca_distance is None:
+        return None
+    return BackboneGeometry(tolerance=args.ca_tolerance if args.ca_tolerance is not None else float("inf"),
+                            min_distance=args.min_ca_distance or 0.0)
+
+
 def _cmd_sample_protein(args) -> int:
     import torch
 
@@ -57,9 +73,13 @@ def _cmd_sample_protein(args) -> int:
     init = _init_state(args.init_state, args.n) if args.init_state else None
     res = sample_protein(model, single, pair, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                          batch_size=args.batch_size, dtype=args.dtype, device=device, path=args.path, out=args.out,
-                         sequence=sequence, first_sample_id=args.first_sample_id, progress=not args.quiet, init=init)
+                         sequence=sequence, first_sample_id=args.first_sample_id, progress=not args.quiet, init=init,
+                         validity=_validity(args), on_invalid=args.on_invalid, max_attempts=args.max_attempts)
     meta = res.metadata
-    print(f"digfast: {meta['n']} structures of {meta['L']} residues in {meta['seconds']:.1f} s "
+    if meta["n_invalid_draws"]:
+        print(f"digfast: {meta['n_invalid_draws']} invalid draws (NaN/inf or rejected), {meta['n_redrawn']} redrawn, "
+              f"{len(meta['dropped_ids'])} dropped")
+    print(f"digfast: {meta['n_returned']} structures of {meta['L']} residues in {meta['seconds']:.1f} s "
           f"({meta['structures_per_second']:.3g} structures/s, {args.sampler} x{args.steps}, {args.dtype}, "
           f"{meta['device']}); wrote {', '.join(str(p) for p in res.files)}")
     if args.json:

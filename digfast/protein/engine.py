@@ -94,18 +94,50 @@ def auto_batch_size(n: int, L: int, cfg, device: torch.device, path: str) -> int
     return max(1, min(n, budget // per_sample))
 
 
+def _enforce_validity(draw, tr, rot, ids, seed, check, on_invalid, max_attempts, counts):
+    """Redraw (derived seeds), drop or keep the structures of one batch that fail check."""
+    from digfast.protein.validity import valid
+    from digfast.validity import redraw_seed
+
+    ok = valid(check, tr, rot)
+    counts["n_invalid_draws"] += int((~ok).sum())
+    if on_invalid == "keep":
+        return tr, rot, ids
+    attempt = 1
+    while on_invalid == "redraw" and not ok.all() and attempt < max_attempts:
+        bad = (~ok).nonzero().flatten()
+        tr_new, rot_new = draw(ids[bad], redraw_seed(seed, attempt), tick=False)
+        tr[bad], rot[bad] = tr_new, rot_new
+        counts["n_redrawn"] += len(bad)
+        ok_new = valid(check, tr_new, rot_new)
+        counts["n_invalid_draws"] += int((~ok_new).sum())
+        ok[bad] = ok_new
+        attempt += 1
+    counts["dropped_ids"] += ids[~ok].tolist()
+    return tr[ok], rot[ok], ids[ok]
+
+
 def sample_protein(model: ProteinScoreModel, single, pair, n: int = 1, *, sampler: str = "public",
                    steps: int = 500, seed: int = 0, batch_size="auto", dtype="fp32", device="cpu",
                    path: str = "fast", out=None, sequence: str | None = None, first_sample_id: int = 0,
                    progress: bool = False, init=None, cuda_graph: bool = True,
-                   keep: bool = True) -> ProteinSamples:
+                   keep: bool = True, validity=None, on_invalid: str = "redraw",
+                   max_attempts: int = 10) -> ProteinSamples:
     """n structures of the protein with AlphaFold2 representations single (L, 384), pair
     (L, L, 128). out (.xtc/.pdb/.npz) streams each finished batch to disk (needs sequence).
     init = (tr (n, L, 3), rot (n, L, 3, 3)) replaces the random start (exact reproduction of a
     public run from its saved init state). On a GPU the fast path captures the step of the
     deterministic samplers ("public", "ode") in a CUDA graph (cuda_graph=False: eager).
     keep=False returns no structures (only the files written): for ensembles larger than
-    memory."""
+    memory. Structures with NaN/inf, or failing validity(tr, rot) -> (n,) bool (e.g.
+    digfast.protein.validity.BackboneGeometry()), are redrawn from the start state of seed
+    validity.redraw_seed(seed, attempt) (same sample id: reproducible, independent of batching)
+    up to max_attempts draws, then dropped; on_invalid="drop" drops them at once, "keep" keeps
+    them. The metadata counts invalid draws and lists dropped ids."""
+    if on_invalid not in ("redraw", "drop", "keep"):
+        raise ValueError(f"unknown on_invalid {on_invalid!r}: 'redraw', 'drop' or 'keep'")
+    if int(max_attempts) < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     if path not in ("fast", "reference"):
         raise ValueError(f"path must be 'fast' or 'reference', got {path!r}")
     if dtype not in DTYPES:
@@ -140,6 +172,7 @@ def sample_protein(model: ProteinScoreModel, single, pair, n: int = 1, *, sample
         from tqdm.auto import tqdm
         bar = tqdm(total=-(-n // bs) * steps, desc=f"{sampler} x{steps}", unit="step", leave=False)
     trs, rots = [], []
+    counts = {"n_invalid_draws": 0, "n_redrawn": 0, "dropped_ids": []}
     graphs = {}
     use_graph = (cuda_graph and path == "fast" and device.type == "cuda"
                  and sampler in GRAPH_SAMPLERS)
@@ -147,20 +180,27 @@ def sample_protein(model: ProteinScoreModel, single, pair, n: int = 1, *, sample
     try:
         for lo in range(0, n, bs):
             ids = torch.arange(first_sample_id + lo, first_sample_id + min(n, lo + bs))
-            if init is not None:
-                tr0 = torch.as_tensor(init[0])[lo:lo + len(ids)].to(device, state_dtype)
-                rot0 = torch.as_tensor(init[1])[lo:lo + len(ids)].to(device, state_dtype)
-            else:
-                tr0, rot0 = _sampler.initial_state(seed, ids, L, dtype=state_dtype, device=device)
-            if use_graph:
-                if len(ids) not in graphs:
-                    graphs[len(ids)] = GraphedSampler(fast, ctx, len(ids), sampler=sampler, steps=steps, device=device)
-                tr, rot = graphs[len(ids)].run(tr0, rot0, on_step=bar.update if bar else None)
-            else:
-                tr, rot = _sampler.run(score, tr0, rot0, sampler=sampler, steps=steps, seed=seed, sample_ids=ids,
-                                       on_step=bar.update if bar else None)
-            out_dtype = torch.float64 if torch_dtype == torch.float64 else torch.float32
-            tr, rot = tr.cpu().to(out_dtype), rot.cpu().to(out_dtype)
+            def draw(draw_ids, draw_seed, start=None, tick=True):
+                if start is not None:
+                    tr0, rot0 = (torch.as_tensor(a).to(device, state_dtype) for a in start)
+                else:
+                    tr0, rot0 = _sampler.initial_state(draw_seed, draw_ids, L, dtype=state_dtype, device=device)
+                on_step = bar.update if bar and tick else None
+                if use_graph and len(draw_ids) == len(ids):
+                    if len(ids) not in graphs:
+                        graphs[len(ids)] = GraphedSampler(fast, ctx, len(ids), sampler=sampler, steps=steps,
+                                                          device=device)
+                    tr_, rot_ = graphs[len(ids)].run(tr0, rot0, on_step=on_step)
+                else:
+                    tr_, rot_ = _sampler.run(score, tr0, rot0, sampler=sampler, steps=steps, seed=draw_seed,
+                                             sample_ids=draw_ids, on_step=on_step)
+                out_dtype = torch.float64 if torch_dtype == torch.float64 else torch.float32
+                return tr_.cpu().to(out_dtype), rot_.cpu().to(out_dtype)
+
+            start_state = None if init is None else (init[0][lo:lo + len(ids)], init[1][lo:lo + len(ids)])
+            tr, rot = draw(ids, seed, start_state)
+            tr, rot, _ = _enforce_validity(draw, tr, rot, ids, seed, validity, on_invalid,
+                                                  1 if init is not None else int(max_attempts), counts)
             if writer is not None:
                 writer.write(tr, rot)
             if keep:
@@ -176,7 +216,8 @@ def sample_protein(model: ProteinScoreModel, single, pair, n: int = 1, *, sample
         bar.close()
     meta = {"sampler": sampler, "steps": steps, "seed": seed, "n": n, "L": L, "batch_size": bs, "path": path,
             "dtype": dtype, "device": str(device), "seconds": seconds, "structures_per_second": n / seconds,
-            "first_sample_id": first_sample_id, "cuda_graph": use_graph}
+            "first_sample_id": first_sample_id, "cuda_graph": use_graph, **counts,
+            "n_returned": n - len(counts["dropped_ids"])}
     if not keep:
         return ProteinSamples(tr=torch.empty(0, L, 3), rot=torch.empty(0, L, 3, 3), metadata=meta, files=files)
     return ProteinSamples(tr=torch.cat(trs), rot=torch.cat(rots), metadata=meta, files=files)
