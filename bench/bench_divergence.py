@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -28,7 +27,7 @@ from digfast.likelihood import _Drift, rademacher_probes
 from digfast.models.graphormer3d import Graphormer3D, Graphormer3DConfig
 from digfast.schedules import LinearVP
 
-from common import environment, write_json  # noqa: E402  (bench/ is on sys.path)
+from common import environment, timed, write_json  # noqa: E402  (bench/ is on sys.path)
 
 METHODS = ("score", "hutchinson-forward", "hutchinson", "exact-forward", "exact")
 REVERSE_EXACT_MAX_COORDS = 66  # one backward pass per coordinate: slow beyond this
@@ -38,21 +37,6 @@ def config(size: str) -> Graphormer3DConfig:
     if size == "reference":
         return Graphormer3DConfig.reference_size(n_atom_types=8)
     return Graphormer3DConfig(n_atom_types=8, layers=4, width=64, heads=4, ffn=128, gaussians=32)
-
-
-def timed(fn, device, warmup: int, repeat: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def measure(net, n_atoms, batch, probes, device, warmup, repeat, methods):

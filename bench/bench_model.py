@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from digfast.models.graphormer3d import Graphormer3D, Graphormer3DConfig
 from digfast.ops import _backend
 
-from common import environment, write_json  # noqa: E402  (bench/ is on sys.path)
+from common import environment, timed, write_json  # noqa: E402  (bench/ is on sys.path)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OPS = ("spatial_bias", "pair_bias_attention", "fused_vector_head")
@@ -36,21 +35,6 @@ def config(size: str) -> Graphormer3DConfig:
     if size == "reference":
         return Graphormer3DConfig.reference_size(n_atom_types=8)
     return Graphormer3DConfig(n_atom_types=8, layers=2, width=64, heads=4, ffn=96, gaussians=16)
-
-
-def timed(fn, device, warmup: int, repeat: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def chosen_backends(backend, device, dtype) -> dict:

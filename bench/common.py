@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 
 import torch
 
@@ -44,3 +45,19 @@ def write_json(path, env: dict, rows: list[dict]) -> None:
     with open(path, "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
     print(f"wrote {path}")
+
+
+def timed(fn, device, warmup: int, repeat: int) -> list[float]:
+    """Seconds of each of `repeat` calls of fn after `warmup` calls (GPU work synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
