@@ -31,3 +31,11 @@ def run_interpreted(worker: str, inputs, folder):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"triton worker failed:\n{proc.stderr[-4000:]}"
     return torch.load(dst)
+
+
+def jvp_along(reference, args: dict, names, tangents: dict, dtype):
+    """(out, d out) of reference(**args) along tangents {name: tensor} of the arguments in
+    names (the others held fixed), the tangents cast to dtype."""
+    def f(*xs):
+        return reference(**{**args, **dict(zip(names, xs))})
+    return torch.func.jvp(f, tuple(args[n] for n in names), tuple(tangents[n].to(dtype) for n in names))

@@ -10,7 +10,7 @@ import torch
 
 from digfast.ops.pair_bias_attention import pair_bias_attention_reference
 
-from interpreted import fresh_generator, run_interpreted
+from interpreted import fresh_generator, jvp_along, run_interpreted
 from test_pair_bias_attention_kernel import (ARGS, args_of, assert_close_to_oracle, magnitude,
                                              make_inputs)
 
@@ -34,13 +34,8 @@ def tangent_names(case):
 
 def reference_jvp(case, tangents, dtype):
     """out and d out of the reference along tangents {name: tensor} (others held fixed)."""
-    names = tangent_names(case)
-    args = dict(zip(ARGS, args_of(case, dtype)))
-
-    def f(*xs):
-        return pair_bias_attention_reference(**{**args, **dict(zip(names, xs))})
-    return torch.func.jvp(f, tuple(args[n] for n in names),
-                          tuple(tangents[n].to(dtype) for n in names))
+    return jvp_along(pair_bias_attention_reference, dict(zip(ARGS, args_of(case, dtype))), tangent_names(case),
+                     tangents, dtype)
 
 
 _WORKER = """

@@ -14,7 +14,7 @@ import torch
 
 from digfast.ops.spatial_bias import spatial_bias_reference
 
-from interpreted import fresh_generator, run_interpreted
+from interpreted import fresh_generator, jvp_along, run_interpreted
 from test_spatial_bias_kernel import ARGS, args_of, make_inputs
 
 EPS = 2.0**-23
@@ -62,13 +62,8 @@ def tangent_names(case):
 
 def reference_jvp(case, tangents, dtype):
     """(d bias, d node_features) of the float `dtype` reference along tangents {name: tensor}."""
-    names = tangent_names(case)
-    args = dict(zip(ARGS, args_of(case, dtype)))
-
-    def f(*xs):
-        return spatial_bias_reference(**{**args, **dict(zip(names, xs))})
-    return torch.func.jvp(f, tuple(args[n] for n in names),
-                          tuple(tangents[n].to(dtype) for n in names))[1]
+    return jvp_along(spatial_bias_reference, dict(zip(ARGS, args_of(case, dtype))), tangent_names(case),
+                     tangents, dtype)[1]
 
 
 @pytest.fixture(scope="module")
