@@ -56,10 +56,11 @@ def fokker_planck_residual(score, schedule, x: torch.Tensor, t: torch.Tensor, *,
     k = probes.shape[0]
     x = x.detach().requires_grad_(True)
     tt = t.detach().to(x.dtype).requires_grad_(True)
-    s = remove_com(score(x, tt))
-    ds_dt = time_derivative(s, tt)
+    # one evaluation on k copies: the first copy is s itself, the rest carry the probes
     xk = x.repeat(k, 1, 1)
     sk = remove_com(score(xk, tt.repeat(k)))
+    s = sk[:b]
+    ds_dt = time_derivative(s, tt)
     e = probes.reshape(k * b, n, d).to(x.dtype)
     (jac_e,) = torch.autograd.grad((sk * e).sum(), xk, create_graph=True)
     per_probe = (jac_e * e).sum((1, 2)).reshape(k, b)
