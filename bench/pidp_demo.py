@@ -31,6 +31,10 @@ def main(argv=None):
     ap.add_argument("--t-power", type=float, default=None)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--prior-width", type=float, default=None,
+                    help="score = energy-built prior + network correction (models/boltzmann_prior.py)")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--pidp-floor", type=float, default=None)
     ap.add_argument("-n", type=int, default=2000, help="samples for the evaluation")
     ap.add_argument("--out", default="runs/pidp_demo")
     ap.add_argument("--json", default=None)
@@ -40,9 +44,12 @@ def main(argv=None):
         network.update(ffn=2 * network["width"])
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("pidp_probes", args.probes),
                                    ("pidp_force_weight", args.force_weight), ("pidp_prior_weight", args.prior_weight),
-                                   ("t_power", args.t_power)) if v is not None}
+                                   ("t_power", args.t_power), ("lr", args.lr),
+                                   ("pidp_floor", args.pidp_floor)) if v is not None}
+    prior = None if args.prior_width is None else {"name": "boltzmann", "width": args.prior_width}
     trainer, report = build_pidp_trainer(args.system, f"{args.out}/run", steps=args.steps, network=network,
-                                         overrides=overrides, candidates=args.candidates)
+                                         overrides=overrides, candidates=args.candidates,
+                                         prior=prior)
     print(f"candidates: {report.n} in {report.seconds:.1f} s, {report.energy_evaluations} energy evaluations")
     start = time.perf_counter()
     folder = train_and_save(trainer, args.out, progress=True)
@@ -58,7 +65,7 @@ def main(argv=None):
             rows.append({**row, "ratio": row["value"] / row["floor"], "sampler": sampler, "steps": steps})
             print(f"{sampler:12s} {steps:4d} {row['statistic']:12s} {row['value']:.4f} floor {row['floor']:.4f} "
                   f"ratio {row['value'] / row['floor']:.2f}")
-    out = {"system": args.system, "candidates": vars(report), "train_steps": trainer.step,
+    out = {"system": args.system, "prior": prior, "candidates": vars(report), "train_steps": trainer.step,
            "train_seconds": train_seconds, "network": model.net.cfg.to_dict(), "rows": rows,
            "history": trainer.history}
     if args.json:

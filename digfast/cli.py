@@ -112,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
                          "then fine-tune by DSM on those structures")
     tr.add_argument("--pidp-steps", type=int, default=None, help="PIDP steps (default: the recipe's)")
     tr.add_argument("--candidates", type=int, default=None, help="PIDP candidate structures (default: the recipe's)")
+    tr.add_argument("--prior-width", type=float, default=None,
+                    help="learn the score's difference from one built from the energy, whose wells have this "
+                         "width in normalised units (e.g. 0.1; particle systems); default: no prior")
+    tr.add_argument("--prior-cap", type=float, default=100.0, help="cap on each atom's energy score (normalised units)")
     tr.add_argument("--threads", type=int, default=None)
     tr.add_argument("--quiet", action="store_true")
 
@@ -224,11 +228,13 @@ def _cmd_train(args) -> int:
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("tsm_sigma", args.tsm_sigma))
                  if v is not None}
     init = args.init
+    prior = None if args.prior_width is None else {"name": "boltzmann", "width": args.prior_width,
+                                                   "cap": args.prior_cap}
     if args.pidp:
         pidp_out = out / "pidp" if args.data else out
         trainer, report = build_pidp_trainer(args.system, pidp_out / "run" if args.data else run_dir,
                                              steps=args.pidp_steps, seed=args.seed, resume=args.resume,
-                                             candidates=args.candidates)
+                                             candidates=args.candidates, prior=prior)
         print(f"digfast: {report.n} PIDP candidates in {report.seconds:.1f} s ({report.energy_evaluations} energy "
               f"evaluations; mean energy {report.energy_mean:.2f})")
         folder = train_and_save(trainer, pidp_out, progress=not args.quiet)
@@ -237,7 +243,7 @@ def _cmd_train(args) -> int:
             return 0
         init, args.resume = str(folder), False
     trainer = build_trainer(args.system, args.data, args.val, run_dir, steps=args.steps, seed=args.seed,
-                            resume=args.resume, overrides=overrides, init=init)
+                            resume=args.resume, overrides=overrides, init=init, prior=prior)
     folder = train_and_save(trainer, out, progress=not args.quiet)
     last = trainer.history[-1] if trainer.history else {}
     print(f"digfast: trained {args.system} for {trainer.step} steps; val loss {last.get('val_loss', float('nan')):.4f}; "

@@ -2,7 +2,9 @@
 
 The network predicts the noise eps of x_t = alpha x_0 + sigma eps in normalised
 coordinates x / position_scale; score(x, t) = -eps / sigma works in those coordinates and
-digfast.sample_batch / log_likelihood convert to and from the system's units.
+digfast.sample_batch / log_likelihood convert to and from the system's units. With
+prior {"name": "boltzmann", "width": w} the network predicts only the difference from a
+score built from the system's energy (models/boltzmann_prior.py).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from digfast.io import InputError
+from digfast.models.boltzmann_prior import base_noise
 from digfast.models.graphormer3d import Graphormer3D, Graphormer3DConfig
 from digfast.ops.sampler_step import remove_com
 from digfast.systems.graph import shortest_paths
@@ -24,9 +27,10 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 class ScoreModel(nn.Module):
     def __init__(self, net: Graphormer3D, schedule, system, position_scale: float = 1.0,
-                 default_steps: int = 500, info: dict | None = None):
+                 default_steps: int = 500, info: dict | None = None, prior: dict | None = None):
         super().__init__()
         self.net, self.schedule, self.system = net, schedule, system
+        self.prior = _check_prior(prior, system)
         self.position_scale = float(position_scale)
         self.default_steps = int(default_steps)
         self.info = dict(info or {})
@@ -39,9 +43,19 @@ class ScoreModel(nn.Module):
         self.register_buffer("paths", paths, persistent=False)
 
     def predict_noise(self, x, t, mask=None):
-        dtype = self.net.embed.weight.dtype  # the likelihood may integrate in float64
+        return self.noise_of(self.net, x, t, mask)
+
+    def noise_of(self, net, x, t, mask=None):
+        """eps(x, t) with `net` (the model's own, or e.g. its EMA copy in training) as the network."""
+        dtype = net.embed.weight.dtype  # the likelihood may integrate in float64
         paths = None if self.paths is None else self.paths.to(x.device)
-        return self.net(x.to(dtype), t, self.atom_types.to(x.device), mask, paths).to(x.dtype)
+        eps = net(x.to(dtype), t, self.atom_types.to(x.device), mask, paths).to(x.dtype)
+        if self.prior is None:
+            return eps
+        if mask is not None:
+            raise NotImplementedError("padded batches with a Boltzmann prior")
+        return eps + base_noise(self.system, self.schedule, self.position_scale, self.prior["width"], x, t,
+                                self.prior["cap"])
 
     def score(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         sigma = self.schedule.sigma(t.detach().cpu().double()).to(x.device, x.dtype)
@@ -51,7 +65,8 @@ class ScoreModel(nn.Module):
         return {"format": "digfast-score-model/1", "architecture": "graphormer3d",
                 "network": self.net.cfg.to_dict(), "schedule": self.schedule.config(),
                 "system": self.system.name, "position_scale": self.position_scale,
-                "default_steps": self.default_steps, "info": self.info}
+                "default_steps": self.default_steps, "info": self.info,
+                **({"prior": self.prior} if self.prior is not None else {})}
 
     def save(self, folder) -> Path:
         from safetensors.torch import save_file
@@ -76,7 +91,7 @@ class ScoreModel(nn.Module):
             if not (math.isfinite(scale) and scale > 0):
                 raise ValueError(f"position_scale must be finite and > 0, got {scale}")
             return cls(net, make_schedule(config["schedule"]), system, scale, int(config.get("default_steps", 500)),
-                       config.get("info"))
+                       config.get("info"), config.get("prior"))
         except (TypeError, ValueError, KeyError) as err:
             raise InputError(f"bad model config: {type(err).__name__}: {err}") from err
 
@@ -102,6 +117,21 @@ class ScoreModel(nn.Module):
         if broken:
             raise InputError(f"{folder / WEIGHTS_FILE}: NaN/inf in {broken[:3]}")
         return model.eval()
+
+
+def _check_prior(prior, system) -> dict | None:
+    """The validated prior spec: None or {"name": "boltzmann", "width": w > 0, "cap": c > 0}."""
+    if prior is None:
+        return None
+    if not isinstance(prior, dict) or prior.get("name") != "boltzmann":
+        raise ValueError(f"prior must be None or {{'name': 'boltzmann', 'width': w}}, got {prior!r}")
+    width, cap = float(prior.get("width", 0.1)), float(prior.get("cap", 100.0))
+    if not all(math.isfinite(v) and v > 0 for v in (width, cap)):
+        raise ValueError(f"prior width and cap must be finite and > 0, got {width}, {cap}")
+    if not getattr(system, "torch_energy", True):
+        raise ValueError(f"a Boltzmann prior needs an energy written in torch (differentiable); "
+                         f"{system.name}'s is not")
+    return {"name": "boltzmann", "width": width, "cap": cap}
 
 
 def _read_config(path: Path) -> dict:

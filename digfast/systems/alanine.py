@@ -330,6 +330,7 @@ class AlanineDipeptide:
     length_unit_nm = 0.1
     temperature = TEMPERATURE_K
     kT_kj_mol = KT_KJ_MOL
+    torch_energy = False  # OpenMM's: no autograd through it (no Boltzmann prior, no PIDP)
     elements = ELEMENTS
 
     def __init__(self):

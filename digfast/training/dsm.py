@@ -127,7 +127,7 @@ class Trainer:
         tt = t.double()
         alpha, sigma = sched.alpha(tt).float()[:, None, None], sched.sigma(tt).float()[:, None, None]
         xt = alpha * x0 + sigma * eps
-        pred = remove_com(net(xt, t, self.model.atom_types, None, self.model.paths))
+        pred = remove_com(self.model.noise_of(net, xt, t))
         return (pred - self._target(eps, f0, alpha, sigma)).pow(2).sum((1, 2)).mean() / self.model.system.dof
 
     def _batch(self, data, weights=None, forces=None):

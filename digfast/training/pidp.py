@@ -98,8 +98,7 @@ def network_score(model, net=None):
     sched = model.schedule
 
     def score(x, t):
-        paths = None if model.paths is None else model.paths.to(x.device)
-        eps = net(x, t.to(x.dtype), model.atom_types.to(x.device), None, paths)
+        eps = model.noise_of(net, x, t)
         sigma = sched.sigma(t.double()).to(x.dtype)
         return -remove_com(eps) / sigma[:, None, None]
 

@@ -71,9 +71,11 @@ def _datasets(system, data, val):
 
 
 def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | None = None, seed: int = 0,
-                  resume: bool = False, overrides: dict | None = None, init=None) -> Trainer:
+                  resume: bool = False, overrides: dict | None = None, init=None, prior: dict | None = None) -> Trainer:
     """A Trainer for a recipe (data None: the system's shipped training split); resume reads run_dir;
-    init (a model name or folder) starts from trained weights with a fresh optimiser and schedule."""
+    init (a model name or folder) starts from trained weights with a fresh optimiser and schedule;
+    prior (e.g. {"name": "boltzmann", "width": 0.1}): the network learns the score's difference from
+    the energy's (models/boltzmann_prior.py)."""
     if system_name not in RECIPES:
         raise ValueError(f"no training recipe for {system_name!r}; known: {sorted(RECIPES)}")
     recipe, system = RECIPES[system_name], get_system(system_name)
@@ -86,16 +88,17 @@ def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | N
     if init is not None:
         return Trainer(_fine_tune_start(init, system, source, len(train)), train, val,
                        TrainConfig(seed=seed, **settings), out_dir=run_dir, forces=forces)
-    net = Graphormer3D(Graphormer3DConfig(n_atom_types=int(system.atom_types.max()) + 1, **recipe["network"]))
+    net = _network(system, recipe["network"], prior)
     centred = train - train.mean(1, keepdim=True)
     model = ScoreModel(net, make_schedule(recipe["schedule"]), system, position_scale=float(centred.std()),
-                       default_steps=recipe["default_steps"], info={"data": source, "n_train": len(train)})
+                       default_steps=recipe["default_steps"], info={"data": source, "n_train": len(train)},
+                       prior=prior)
     return Trainer(model, train, val, TrainConfig(seed=seed, **settings), out_dir=run_dir, forces=forces)
 
 
 def build_pidp_trainer(system_name: str, run_dir=None, steps: int | None = None, seed: int = 0,
                        resume: bool = False, overrides: dict | None = None, candidates: int | None = None,
-                       network: dict | None = None):
+                       network: dict | None = None, prior: dict | None = None):
     """(Trainer with objective 'pidp' on low-energy candidates, CandidateReport); no samples used.
     network: sizes that replace the recipe's (e.g. a smaller net for a quick run)."""
     from digfast.training.candidates import low_energy_candidates
@@ -112,14 +115,20 @@ def build_pidp_trainer(system_name: str, run_dir=None, steps: int | None = None,
     if resume:
         return Trainer.resume(run_dir, train, val, forces=forces), report
     torch.manual_seed(seed)
-    net = Graphormer3D(Graphormer3DConfig(n_atom_types=int(system.atom_types.max()) + 1,
-                                          **{**RECIPES[system_name]["network"], **(network or {})}))
+    net = _network(system, {**RECIPES[system_name]["network"], **(network or {})}, prior)
     centred = train - train.mean(1, keepdim=True)
     info = {"data": f"PIDP on {len(train)} low-energy candidates (no samples)", "candidates": vars(report)}
     model = ScoreModel(net, make_schedule(RECIPES[system_name]["schedule"]), system,
                        position_scale=float(centred.std()), default_steps=RECIPES[system_name]["default_steps"],
-                       info=info)
+                       info=info, prior=prior)
     return Trainer(model, train, val, TrainConfig(seed=seed, **settings), out_dir=run_dir, forces=forces), report
+
+
+def _network(system, sizes: dict, prior) -> Graphormer3D:
+    net = Graphormer3D(Graphormer3DConfig(n_atom_types=int(system.atom_types.max()) + 1, **sizes))
+    if prior is not None:  # start at the prior's score: the network learns a correction
+        torch.nn.init.zeros_(net.head_out.weight)
+    return net
 
 
 def _fine_tune_start(init, system, source: str, n_train: int) -> ScoreModel:

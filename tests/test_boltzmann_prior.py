@@ -1,0 +1,128 @@
+"""The energy-built score that models with prior "boltzmann" correct (models/boltzmann_prior.py)."""
+import pytest
+import torch
+
+from digfast.io import InputError
+from digfast.models import Graphormer3D, Graphormer3DConfig
+from digfast.models.boltzmann_prior import base_noise, capped
+from digfast.models.score_model import ScoreModel
+from digfast.ops.sampler_step import remove_com
+from digfast.schedules import LinearVP
+from digfast.systems import DoubleWell4, LennardJones13, get_system
+from digfast.training.pidp import fokker_planck_residual, network_score, time_derivative
+
+SCALE = 1.8
+
+
+def _model(system=None, width=0.15, dtype=torch.float64, zero_head=True, cap=100.0):
+    torch.manual_seed(0)
+    net = Graphormer3D(Graphormer3DConfig(layers=1, width=16, heads=2, ffn=16, gaussians=8)).to(dtype)
+    if zero_head:
+        torch.nn.init.zeros_(net.head_out.weight)
+    return ScoreModel(net, LinearVP(), system or DoubleWell4(), position_scale=SCALE,
+                      prior={"name": "boltzmann", "width": width, "cap": cap})
+
+
+def _structures(system, n, rng):
+    """Reference structures, lightly jittered, in normalised units (float64)."""
+    x = system.reference_samples(n, seed=int(torch.randint(0, 2**31, (1,), generator=rng)))
+    x = x.double() + 0.02 * torch.randn(x.shape, generator=rng, dtype=torch.float64)
+    return remove_com(x) / SCALE
+
+
+def _score(model, x, t):
+    return model.score(x, torch.full((len(x),), t, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("system", [DoubleWell4(), LennardJones13()], ids=["dw4", "lj13"])
+def test_score_is_the_boltzmann_force_at_t_0(system, rng):
+    model = _model(system, width=0.1, cap=1e6)  # the cap: test_cap_bends_only_large_scores
+    x = _structures(system, 5, rng)
+    force = remove_com(SCALE * system.force(SCALE * x))  # grad_x log p in normalised units
+    s = _score(model, x, 1e-7)
+    torch.testing.assert_close(s, force, rtol=1e-3, atol=1e-3 * float(force.abs().max()))
+
+
+def test_score_is_the_priors_at_t_max(rng):
+    model = _model()
+    x = torch.randn(6, 4, 2, generator=rng, dtype=torch.float64)
+    sched = model.schedule
+    a, s = sched.alpha(sched.t_max), sched.sigma(sched.t_max)
+    torch.testing.assert_close(_score(model, x, sched.t_max), -remove_com(x) / (a**2 + s**2))
+
+
+def test_gate_switches_the_energy_off_between(rng):
+    """Half way between, both terms count: the score is neither the force nor the prior's."""
+    model = _model()
+    x = _structures(DoubleWell4(), 4, rng)
+    t = float(model.schedule.t_of_log_snr(torch.tensor(2.0)))  # sigma / alpha ~ 0.14 ~ width
+    s = _score(model, x, t)
+    sched = model.schedule
+    prior = -remove_com(x) / (sched.alpha(t) ** 2 + sched.sigma(t) ** 2)
+    assert (s - prior).norm() > 0.1 * prior.norm()
+
+
+def test_cap_bends_only_large_scores(rng):
+    v = torch.randn(3, 5, 3, generator=rng, dtype=torch.float64)
+    torch.testing.assert_close(capped(v, 1e6), v, rtol=1e-10, atol=0)
+    half = v / v.norm(dim=-1, keepdim=True) * 5.0  # |v| = cap / 2
+    torch.testing.assert_close(capped(half, 10.0), half, rtol=1e-3, atol=0)
+    big = 1e8 * v
+    assert capped(big, 10.0).norm(dim=-1).max() <= 10.0 + 1e-9
+    # direction kept
+    cos = (capped(big, 10.0) * big).sum(-1) / (capped(big, 10.0).norm(dim=-1) * big.norm(dim=-1))
+    torch.testing.assert_close(cos, torch.ones_like(cos))
+
+
+def test_score_is_differentiable_in_t_and_x(rng):
+    """d/dt by autodiff (what PIDP trains on) against central differences, on the prior's share
+    (the network's is test_pidp's)."""
+    model = _model()
+    x = _structures(DoubleWell4(), 3, rng)
+    t0 = 0.02 + 0.05 * torch.rand(3, generator=rng, dtype=torch.float64)
+    score = network_score(model)
+    tt = t0.clone().requires_grad_(True)
+    s = score(x, tt)
+    analytic = time_derivative(s, tt)
+    h = 1e-6
+    numeric = (score(x, t0 + h) - score(x, t0 - h)) / (2 * h)
+    torch.testing.assert_close(analytic.detach(), numeric, rtol=1e-6, atol=1e-8 * float(numeric.abs().max()))
+    residual, _ = fokker_planck_residual(score, model.schedule, x, t0)
+    assert torch.isfinite(residual).all() and residual.abs().max() > 0
+
+
+def test_prior_round_trips_and_checks_its_input(tmp_path):
+    model = _model(dtype=torch.float32)
+    folder = model.save(tmp_path / "m")
+    loaded = ScoreModel.load(folder)
+    assert loaded.prior == model.prior
+    x, t = torch.randn(4, 4, 2), torch.full((4,), 0.01)
+    torch.testing.assert_close(loaded.score(x, t), model.score(x, t))
+    with pytest.raises(ValueError, match="width"):
+        _model(width=-1.0)
+    net = Graphormer3D(Graphormer3DConfig(layers=1, width=16, heads=2, ffn=16, gaussians=8, n_atom_types=4))
+    with pytest.raises(ValueError, match="torch"):
+        ScoreModel(net, LinearVP(), get_system("alanine-dipeptide"), prior={"name": "boltzmann", "width": 0.1})
+    with pytest.raises(ValueError, match="prior must be"):
+        ScoreModel(net, LinearVP(), DoubleWell4(), prior={"name": "harmonic"})
+    config = model.config()
+    config["prior"] = {"name": "boltzmann", "width": "wide"}
+    with pytest.raises((InputError, ValueError)):
+        ScoreModel.from_config(config)
+
+
+def test_base_noise_skips_the_energy_where_the_gate_is_closed():
+    """At t_max the energy is never evaluated: NaN coordinates in the energy's argument would
+    otherwise leak in through 0 * NaN."""
+    calls = []
+
+    class Spy(DoubleWell4):
+        def energy(self, x):
+            calls.append(len(x))
+            return super().energy(x)
+
+    sched = LinearVP()
+    x = torch.randn(3, 4, 2, dtype=torch.float64)
+    t = torch.tensor([1e-4, 0.5, sched.t_max], dtype=torch.float64)
+    base_noise(Spy(), sched, SCALE, 0.15, x, t)
+    assert calls == [1]  # only the sample at t = 1e-4 has an open gate
