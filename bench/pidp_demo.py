@@ -1,6 +1,7 @@
 """PIDP demonstration: train from the energy alone, then score the samples against held-out data.
 
     python bench/pidp_demo.py --system dw4 [--steps 3000] [--layers 2 --width 32] [--json out.json]
+    python bench/pidp_demo.py --system dw4 --steps 0 --prior-width 0.15   # the energy-built prior alone
 
 Prints the candidate cost, the training time and the accuracy report's statistics (energy
 and distance W1 beside their noise floors, held-out public validation split) for the
@@ -33,6 +34,8 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--prior-width", type=float, default=None,
                     help="score = energy-built prior + network correction (models/boltzmann_prior.py)")
+    ap.add_argument("--prior-onset", type=float, default=0.0,
+                    help="> 0: the network's share of the score vanishes at t = 0 (switches on near this sigma)")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--pidp-floor", type=float, default=None)
     ap.add_argument("-n", type=int, default=2000, help="samples for the evaluation")
@@ -46,7 +49,8 @@ def main(argv=None):
                                    ("pidp_force_weight", args.force_weight), ("pidp_prior_weight", args.prior_weight),
                                    ("t_power", args.t_power), ("lr", args.lr),
                                    ("pidp_floor", args.pidp_floor)) if v is not None}
-    prior = None if args.prior_width is None else {"name": "boltzmann", "width": args.prior_width}
+    prior = None if args.prior_width is None else {"name": "boltzmann", "width": args.prior_width,
+                                                   "onset": args.prior_onset}
     trainer, report = build_pidp_trainer(args.system, f"{args.out}/run", steps=args.steps, network=network,
                                          overrides=overrides, candidates=args.candidates,
                                          prior=prior)

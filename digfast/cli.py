@@ -116,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="learn the score's difference from one built from the energy, whose wells have this "
                          "width in normalised units (e.g. 0.1; particle systems); default: no prior")
     tr.add_argument("--prior-cap", type=float, default=100.0, help="cap on each atom's energy score (normalised units)")
+    tr.add_argument("--prior-onset", type=float, default=0.0,
+                    help="> 0: the network's share of the score vanishes at t = 0, switching on near this sigma")
     tr.add_argument("--threads", type=int, default=None)
     tr.add_argument("--quiet", action="store_true")
 
@@ -229,7 +231,7 @@ def _cmd_train(args) -> int:
                  if v is not None}
     init = args.init
     prior = None if args.prior_width is None else {"name": "boltzmann", "width": args.prior_width,
-                                                   "cap": args.prior_cap}
+                                                   "cap": args.prior_cap, "onset": args.prior_onset}
     if args.pidp:
         pidp_out = out / "pidp" if args.data else out
         trainer, report = build_pidp_trainer(args.system, pidp_out / "run" if args.data else run_dir,

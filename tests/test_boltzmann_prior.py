@@ -14,13 +14,13 @@ from digfast.training.pidp import fokker_planck_residual, network_score, time_de
 SCALE = 1.8
 
 
-def _model(system=None, width=0.15, dtype=torch.float64, zero_head=True, cap=100.0):
+def _model(system=None, width=0.15, dtype=torch.float64, zero_head=True, cap=100.0, onset=0.0):
     torch.manual_seed(0)
     net = Graphormer3D(Graphormer3DConfig(layers=1, width=16, heads=2, ffn=16, gaussians=8)).to(dtype)
     if zero_head:
         torch.nn.init.zeros_(net.head_out.weight)
     return ScoreModel(net, LinearVP(), system or DoubleWell4(), position_scale=SCALE,
-                      prior={"name": "boltzmann", "width": width, "cap": cap})
+                      prior={"name": "boltzmann", "width": width, "cap": cap, "onset": onset})
 
 
 def _structures(system, n, rng):
@@ -41,6 +41,15 @@ def test_score_is_the_boltzmann_force_at_t_0(system, rng):
     force = remove_com(SCALE * system.force(SCALE * x))  # grad_x log p in normalised units
     s = _score(model, x, 1e-7)
     torch.testing.assert_close(s, force, rtol=1e-3, atol=1e-3 * float(force.abs().max()))
+
+
+def test_onset_holds_the_force_at_t_0_whatever_the_weights(rng):
+    x = _structures(DoubleWell4(), 5, rng)
+    force = remove_com(SCALE * DoubleWell4().force(SCALE * x))
+    held = _score(_model(zero_head=False, cap=1e6, onset=0.15), x, 1e-7)
+    torch.testing.assert_close(held, force, rtol=1e-3, atol=1e-3 * float(force.abs().max()))
+    free = _score(_model(zero_head=False, cap=1e6), x, 1e-7)  # without: the network's -eps / sigma
+    assert (free - force).norm() > 10 * force.norm()
 
 
 def test_score_is_the_priors_at_t_max(rng):

@@ -54,8 +54,12 @@ class ScoreModel(nn.Module):
             return eps
         if mask is not None:
             raise NotImplementedError("padded batches with a Boltzmann prior")
-        return eps + base_noise(self.system, self.schedule, self.position_scale, self.prior["width"], x, t,
-                                self.prior["cap"])
+        base = base_noise(self.system, self.schedule, self.position_scale, self.prior["width"], x, t, self.prior["cap"])
+        onset = self.prior["onset"]
+        if onset > 0:  # the network's share of the score, -eps sigma / (sigma^2 + onset^2), vanishes at t = 0
+            sigma2 = self.schedule.sigma(t.double()).pow(2)
+            eps = eps * (sigma2 / (sigma2 + onset**2)).to(x.dtype)[:, None, None]
+        return eps + base
 
     def score(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         sigma = self.schedule.sigma(t.detach().cpu().double()).to(x.device, x.dtype)
@@ -120,18 +124,20 @@ class ScoreModel(nn.Module):
 
 
 def _check_prior(prior, system) -> dict | None:
-    """The validated prior spec: None or {"name": "boltzmann", "width": w > 0, "cap": c > 0}."""
+    """The validated prior spec: None or {"name": "boltzmann", "width": w > 0, "cap": c > 0,
+    "onset": o >= 0} (o > 0: the network's share is scaled by sigma^2 / (sigma^2 + o^2), so the
+    score at t = 0 is the Boltzmann one whatever the weights)."""
     if prior is None:
         return None
     if not isinstance(prior, dict) or prior.get("name") != "boltzmann":
         raise ValueError(f"prior must be None or {{'name': 'boltzmann', 'width': w}}, got {prior!r}")
-    width, cap = float(prior.get("width", 0.1)), float(prior.get("cap", 100.0))
-    if not all(math.isfinite(v) and v > 0 for v in (width, cap)):
-        raise ValueError(f"prior width and cap must be finite and > 0, got {width}, {cap}")
+    width, cap, onset = (float(prior.get(k, v)) for k, v in (("width", 0.1), ("cap", 100.0), ("onset", 0.0)))
+    if not all(math.isfinite(v) and v > 0 for v in (width, cap)) or not (math.isfinite(onset) and onset >= 0):
+        raise ValueError(f"prior width and cap must be finite and > 0, onset >= 0; got {width}, {cap}, {onset}")
     if not getattr(system, "torch_energy", True):
         raise ValueError(f"a Boltzmann prior needs an energy written in torch (differentiable); "
                          f"{system.name}'s is not")
-    return {"name": "boltzmann", "width": width, "cap": cap}
+    return {"name": "boltzmann", "width": width, "cap": cap, "onset": onset}
 
 
 def _read_config(path: Path) -> dict:

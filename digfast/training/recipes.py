@@ -111,7 +111,7 @@ def build_pidp_trainer(system_name: str, run_dir=None, steps: int | None = None,
     val, _ = low_energy_candidates(system, max(64, n // 20), seed=seed + 10_000)
     forces = training_forces(system, train)
     settings = {**RECIPES[system_name]["train"], "tsm_sigma": 0.0, **recipe["train"], "objective": "pidp",
-                **(overrides or {}), **({"steps": steps} if steps else {})}
+                **(overrides or {}), **({"steps": steps} if steps is not None else {})}
     if resume:
         return Trainer.resume(run_dir, train, val, forces=forces), report
     torch.manual_seed(seed)
