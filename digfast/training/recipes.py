@@ -71,11 +71,12 @@ def _datasets(system, data, val):
 
 
 def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | None = None, seed: int = 0,
-                  resume: bool = False, overrides: dict | None = None, init=None, prior: dict | None = None) -> Trainer:
+                  resume: bool = False, overrides: dict | None = None, init=None, prior: dict | None = None,
+                  network: dict | None = None) -> Trainer:
     """A Trainer for a recipe (data None: the system's shipped training split); resume reads run_dir;
     init (a model name or folder) starts from trained weights with a fresh optimiser and schedule;
     prior (e.g. {"name": "boltzmann", "width": 0.1}): the network learns the score's difference from
-    the energy's (models/boltzmann_prior.py)."""
+    the energy's (models/boltzmann_prior.py); network: sizes that replace the recipe's."""
     if system_name not in RECIPES:
         raise ValueError(f"no training recipe for {system_name!r}; known: {sorted(RECIPES)}")
     recipe, system = RECIPES[system_name], get_system(system_name)
@@ -88,7 +89,7 @@ def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | N
     if init is not None:
         return Trainer(_fine_tune_start(init, system, source, len(train)), train, val,
                        TrainConfig(seed=seed, **settings), out_dir=run_dir, forces=forces)
-    net = _network(system, recipe["network"], prior)
+    net = _network(system, {**recipe["network"], **(network or {})}, prior)
     centred = train - train.mean(1, keepdim=True)
     model = ScoreModel(net, make_schedule(recipe["schedule"]), system, position_scale=float(centred.std()),
                        default_steps=recipe["default_steps"], info={"data": source, "n_train": len(train)},
