@@ -37,6 +37,7 @@ def main(argv=None):
     ap.add_argument("--prior-onset", type=float, default=0.0,
                     help="> 0: the network's share of the score vanishes at t = 0 (switches on near this sigma)")
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--init", default=None, help="go on from this PIDP-trained model (fresh optimiser)")
     ap.add_argument("--pidp-floor", type=float, default=None)
     ap.add_argument("-n", type=int, default=2000, help="samples for the evaluation")
     ap.add_argument("--out", default="runs/pidp_demo")
@@ -53,7 +54,7 @@ def main(argv=None):
                                                    "onset": args.prior_onset}
     trainer, report = build_pidp_trainer(args.system, f"{args.out}/run", steps=args.steps, network=network,
                                          overrides=overrides, candidates=args.candidates,
-                                         prior=prior)
+                                         prior=prior, init=args.init)
     print(f"candidates: {report.n} in {report.seconds:.1f} s, {report.energy_evaluations} energy evaluations")
     start = time.perf_counter()
     folder = train_and_save(trainer, args.out, progress=True)

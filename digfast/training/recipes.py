@@ -99,9 +99,10 @@ def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | N
 
 def build_pidp_trainer(system_name: str, run_dir=None, steps: int | None = None, seed: int = 0,
                        resume: bool = False, overrides: dict | None = None, candidates: int | None = None,
-                       network: dict | None = None, prior: dict | None = None):
+                       network: dict | None = None, prior: dict | None = None, init=None):
     """(Trainer with objective 'pidp' on low-energy candidates, CandidateReport); no samples used.
-    network: sizes that replace the recipe's (e.g. a smaller net for a quick run)."""
+    network: sizes that replace the recipe's (e.g. a smaller net for a quick run); init: go on
+    from a PIDP-trained model (name or folder) with a fresh optimiser and schedule."""
     from digfast.training.candidates import low_energy_candidates
 
     if system_name not in PIDP_RECIPES:
@@ -116,9 +117,13 @@ def build_pidp_trainer(system_name: str, run_dir=None, steps: int | None = None,
     if resume:
         return Trainer.resume(run_dir, train, val, forces=forces), report
     torch.manual_seed(seed)
+    info = {"data": f"PIDP on {len(train)} low-energy candidates (no samples)", "candidates": vars(report)}
+    if init is not None:
+        model = _fine_tune_start(init, system, info["data"], len(train))
+        model.info["candidates"] = vars(report)
+        return Trainer(model, train, val, TrainConfig(seed=seed, **settings), out_dir=run_dir, forces=forces), report
     net = _network(system, {**RECIPES[system_name]["network"], **(network or {})}, prior)
     centred = train - train.mean(1, keepdim=True)
-    info = {"data": f"PIDP on {len(train)} low-energy candidates (no samples)", "candidates": vars(report)}
     model = ScoreModel(net, make_schedule(RECIPES[system_name]["schedule"]), system,
                        position_scale=float(centred.std()), default_steps=RECIPES[system_name]["default_steps"],
                        info=info, prior=prior)
