@@ -135,3 +135,25 @@ def test_base_noise_skips_the_energy_where_the_gate_is_closed():
     t = torch.tensor([1e-4, 0.5, sched.t_max], dtype=torch.float64)
     base_noise(Spy(), sched, SCALE, 0.15, x, t)
     assert calls == [1]  # only the sample at t = 1e-4 has an open gate
+
+
+def test_cli_trains_a_model_with_the_prior(tmp_path, rng, capsys):
+    import numpy as np
+
+    import digfast
+    from digfast.cli import main
+
+    data = tmp_path / "dw4.npy"
+    np.save(data, DoubleWell4().reference_samples(200, seed=int(torch.randint(0, 999, (1,), generator=rng))).numpy())
+    out = tmp_path / "m"
+    assert main(["train", "--system", "dw4", "--data", str(data), "--out", str(out), "--steps", "4",
+                 "--batch-size", "16", "--prior-width", "0.15", "--prior-onset", "0.15", "--quiet"]) == 0, \
+        capsys.readouterr().err
+    model = digfast.load(str(out))
+    assert model.prior == {"name": "boltzmann", "width": 0.15, "cap": 100.0, "onset": 0.15}
+    assert model.net.head_out.weight.abs().sum() > 0  # started at zero (the prior's score), then trained
+    res = digfast.sample_batch(model, n=8, steps=10, progress=False)
+    assert torch.isfinite(res.positions).all()
+    # a fine-tune keeps its model's prior
+    assert main(["train", "--system", "dw4", "--data", str(data), "--out", str(tmp_path / "x"), "--steps", "2",
+                 "--init", str(out), "--prior-width", "0.1", "--quiet"]) == 2

@@ -87,6 +87,8 @@ def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | N
         return Trainer.resume(run_dir, train, val, forces=forces)
     torch.manual_seed(seed)
     if init is not None:
+        if prior is not None or network:
+            raise ValueError("a fine-tune (init) keeps its model's network and prior: pass neither")
         return Trainer(_fine_tune_start(init, system, source, len(train)), train, val,
                        TrainConfig(seed=seed, **settings), out_dir=run_dir, forces=forces)
     net = _network(system, {**recipe["network"], **(network or {})}, prior)
