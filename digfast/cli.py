@@ -243,7 +243,7 @@ def _cmd_train(args) -> int:
         print(f"digfast: PIDP {trainer.step} steps; model in {folder}")
         if not args.data:
             return 0
-        init, args.resume = str(folder), False
+        init, args.resume, prior = str(folder), False, None  # the DSM stage goes on from the PIDP model, prior and all
     trainer = build_trainer(args.system, args.data, args.val, run_dir, steps=args.steps, seed=args.seed,
                             resume=args.resume, overrides=overrides, init=init, prior=prior)
     folder = train_and_save(trainer, out, progress=not args.quiet)

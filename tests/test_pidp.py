@@ -175,3 +175,8 @@ def test_cli_pidp_then_dsm(tmp_path, rng, capsys):
     tuned = digfast.load(str(tmp_path / "m"))
     assert tuned.info["init"] == str(tmp_path / "m" / "pidp") and tuned.info["train_config"]["objective"] == "dsm"
     assert main(["train", "--system", "alanine-dipeptide", "--pidp", "--out", str(tmp_path / "x")]) == 2
+    # with the energy-built prior, the DSM stage goes on from the PIDP model and keeps its prior
+    assert main(["train", "--system", "dw4", "--pidp", "--pidp-steps", "2", "--candidates", "64", "--data", str(data),
+                 "--steps", "2", "--batch-size", "8", "--prior-width", "0.15", "--out", str(tmp_path / "p"),
+                 "--quiet"]) == 0, capsys.readouterr().err
+    assert digfast.load(str(tmp_path / "p")).prior == digfast.load(str(tmp_path / "p" / "pidp")).prior is not None

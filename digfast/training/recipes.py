@@ -87,9 +87,7 @@ def build_trainer(system_name: str, data, val=None, run_dir=None, steps: int | N
         return Trainer.resume(run_dir, train, val, forces=forces)
     torch.manual_seed(seed)
     if init is not None:
-        if prior is not None or network:
-            raise ValueError("a fine-tune (init) keeps its model's network and prior: pass neither")
-        return Trainer(_fine_tune_start(init, system, source, len(train)), train, val,
+        return Trainer(_fine_tune_start(init, system, source, len(train), prior, network), train, val,
                        TrainConfig(seed=seed, **settings), out_dir=run_dir, forces=forces)
     net = _network(system, {**recipe["network"], **(network or {})}, prior)
     centred = train - train.mean(1, keepdim=True)
@@ -121,7 +119,7 @@ def build_pidp_trainer(system_name: str, run_dir=None, steps: int | None = None,
     torch.manual_seed(seed)
     info = {"data": f"PIDP on {len(train)} low-energy candidates (no samples)", "candidates": vars(report)}
     if init is not None:
-        model = _fine_tune_start(init, system, info["data"], len(train))
+        model = _fine_tune_start(init, system, info["data"], len(train), prior, network)
         model.info["candidates"] = vars(report)
         return Trainer(model, train, val, TrainConfig(seed=seed, **settings), out_dir=run_dir, forces=forces), report
     net = _network(system, {**RECIPES[system_name]["network"], **(network or {})}, prior)
@@ -139,8 +137,11 @@ def _network(system, sizes: dict, prior) -> Graphormer3D:
     return net
 
 
-def _fine_tune_start(init, system, source: str, n_train: int) -> ScoreModel:
+def _fine_tune_start(init, system, source: str, n_train: int, prior=None, network=None) -> ScoreModel:
     from digfast.api import load
+
+    if prior is not None or network:
+        raise ValueError("a fine-tune (init) keeps its model's network and prior: pass neither")
 
     model = load(init)
     if not isinstance(model, ScoreModel) or model.system.name != system.name:
