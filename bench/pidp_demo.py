@@ -13,11 +13,21 @@ import argparse
 import json
 import time
 
-import torch
-
 import digfast
-from digfast.accuracy import particle_statistics
+from accuracy import evaluate  # bench/ is on sys.path
 from digfast.training.recipes import build_pidp_trainer, train_and_save
+
+# the samplers every PIDP demonstration is scored with
+RUNS = (("ancestral", 500), ("dpm++2m-sde", 50))
+
+
+def scored(system: str, folder, n: int, label: str = "") -> list[dict]:
+    """The accuracy report's rows for a trained model folder, printed as they come."""
+    rows = evaluate(system, str(folder), n, RUNS, progress=False)
+    for row in rows:
+        print(f"{label}{row['sampler']:12s} {row['steps']:4d} {row['statistic']:12s} {row['value']:.4f} "
+              f"floor {row['floor']:.4f} ratio {row['ratio']:.2f}", flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -60,16 +70,7 @@ def main(argv=None):
     folder = train_and_save(trainer, args.out, progress=True)
     train_seconds = time.perf_counter() - start
     model = digfast.load(str(folder))
-    ref = model.system.reference_data()
-    perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(0))
-    ref_a, ref_b = ref[perm[:args.n]], ref[perm[args.n:2 * args.n]]
-    rows = []
-    for sampler, steps in (("ancestral", 500), ("dpm++2m-sde", 50)):
-        res = digfast.sample_batch(model, n=args.n, steps=steps, sampler=sampler, progress=False)
-        for row in particle_statistics(model.system, res.positions, ref_a, ref_b):
-            rows.append({**row, "ratio": row["value"] / row["floor"], "sampler": sampler, "steps": steps})
-            print(f"{sampler:12s} {steps:4d} {row['statistic']:12s} {row['value']:.4f} floor {row['floor']:.4f} "
-                  f"ratio {row['value'] / row['floor']:.2f}")
+    rows = scored(args.system, folder, args.n)
     out = {"system": args.system, "prior": prior, "candidates": vars(report), "train_steps": trainer.step,
            "train_seconds": train_seconds, "network": model.net.cfg.to_dict(), "rows": rows,
            "history": trainer.history}

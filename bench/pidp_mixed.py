@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 import digfast
-from digfast.accuracy import particle_statistics
 from digfast.training.recipes import build_trainer, load_structures, train_and_save
+from pidp_demo import scored  # bench/ is on sys.path
 
 
 def main(argv=None):
@@ -47,9 +47,6 @@ def main(argv=None):
     few = full[perm[:max(2, round(args.fraction * len(full)))]]
     few_path = out / "few.npy"
     np.save(few_path, few.numpy())
-    ref = system.reference_data()
-    rperm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(0))
-    ref_a, ref_b = ref[rperm[:args.n]], ref[rperm[args.n:2 * args.n]]
     # the same network as the PIDP model's in every arm
     sizes = {k: v for k, v in pidp.net.cfg.to_dict().items() if k in ("layers", "width", "heads", "ffn", "gaussians")}
     rows = []
@@ -60,14 +57,8 @@ def main(argv=None):
         start = time.perf_counter()
         folder = train_and_save(trainer, out / arm, progress=True)
         seconds = time.perf_counter() - start
-        model = digfast.load(str(folder))
-        for sampler, steps in (("ancestral", 500), ("dpm++2m-sde", 50)):
-            res = digfast.sample_batch(model, n=args.n, steps=steps, sampler=sampler, progress=False)
-            for row in particle_statistics(system, res.positions, ref_a, ref_b):
-                rows.append({**row, "ratio": row["value"] / row["floor"], "arm": arm, "sampler": sampler,
-                             "steps": steps, "train_seconds": seconds, "n_train": len(few)})
-                print(f"{arm:10s} {sampler:12s} {steps:4d} {row['statistic']:12s} {row['value']:.4f} "
-                      f"floor {row['floor']:.4f} ratio {row['value'] / row['floor']:.2f}", flush=True)
+        for row in scored(args.system, folder, args.n, label=f"{arm:10s} "):
+            rows.append({**row, "arm": arm, "train_seconds": seconds, "n_train": len(few)})
     if args.json:
         Path(args.json).write_text(json.dumps({"system": args.system, "pidp_model": args.pidp_model,
                                                "fraction": args.fraction, "n_train": len(few),

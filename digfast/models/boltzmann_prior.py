@@ -30,7 +30,7 @@ def base_noise(system, schedule, position_scale: float, width: float, x: torch.T
                t: torch.Tensor, cap: float = 100.0) -> torch.Tensor:
     """eps_base = -sigma s_base at (x, t), (B, N, d), zero-CoM; differentiable in x and t
     (to every order the energy allows) when either requires grad."""
-    tt = t.to(torch.float64) if not t.requires_grad else t.double()
+    tt = t.double()  # keeps t's graph when PIDP differentiates in t
     alpha, sigma = schedule.alpha(tt), schedule.sigma(tt)
     lam = torch.exp(-sigma**2 / (2.0 * alpha**2 * width**2))
     alpha_, sigma_, lam_ = (v.to(x.dtype)[:, None, None] for v in (alpha, sigma, lam))
