@@ -36,7 +36,10 @@ def test_invalid_samples_are_redrawn_dropped_or_kept(rng):
     model = random_model(SMALL, rng)
     inputs = random_inputs(1, 5, rng)
     plain = _run(model, inputs, validity=None)
-    threshold = plain.tr[:, 0, 0].median()
+    # midway between the 3rd and 4th values: the median itself is a sample's value, which fp32
+    # rounding of another batch size can move to either side of the threshold
+    ordered = plain.tr[:, 0, 0].sort().values
+    threshold = 0.5 * (ordered[2] + ordered[3])
 
     def check(tr, rot):  # a property about half the draws fail
         return tr[:, 0, 0] <= threshold
