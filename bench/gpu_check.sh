@@ -19,9 +19,11 @@ START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_S:-560}))
 : > "$W/sections.txt"
 
-# section NAME SECONDS COMMAND...: run it with its output in $W/NAME.txt, never past the deadline
+# section NAME SECONDS COMMAND...: run it with its output in $W/NAME.txt, never past the deadline;
+# GPU_SECTIONS="build sampler ..." runs only the sections named (a rerun of what failed)
 section() {
   local name=$1 limit=$2; shift 2
+  if [ -n "${GPU_SECTIONS:-}" ] && [[ " $GPU_SECTIONS " != *" $name "* ]]; then return; fi
   local left=$((DEADLINE - $(date +%s) - 5))
   (( left < limit )) && limit=$left
   if (( limit < 10 )); then
@@ -69,8 +71,9 @@ section ceilings 30 ceilings
 # every GPU test (the names say gpu or cuda), over 8 workers where pytest-xdist is there:
 # mostly Triton compiles
 WORKERS=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
+# (GPU_TESTS="-k ... tests/x.py" narrows them)
 section tests_gpu 150 python -m pytest -q -p no:cacheprovider $WORKERS --continue-on-collection-errors \
-  -k "gpu or cuda" tests/
+  ${GPU_TESTS:--k "gpu or cuda" tests/}
 section sampler_step 60 python bench/bench_sampler_step.py --json "$W/bench_sampler_step.json"
 section sampler 60 python bench/bench_sampler.py --json "$W/bench_sampler.json"
 # pair-bias attention, H = 32, dh = 24, bf16, 16384 tokens a call; one size per run

@@ -181,9 +181,13 @@ def _pow2(n: int, least: int = 16) -> int:
 
 def launch_config(n_tokens: int, n_bh: int) -> dict:
     """Tile sizes of both kernels (one place): key tiles of up to 32, query tiles of up to
-    32, (b, h) row blocks of up to 64."""
+    32, (b, h) row blocks of up to 64. The pair kernel is not software-pipelined: its loads are
+    (rows, keys, channels) gathers, and buffering them for 3 stages asked 680 KB of shared
+    memory in fp32 (258 KB in bf16) on an H200, whose limit is 227 KB; one stage needs 41 KB
+    (66 KB in bf16), under an A100's 163 KB too."""
     n2 = _pow2(n_tokens)
-    return {"BLOCK_M": min(32, n2), "BLOCK_N": min(32, n2), "BLOCK_R": min(64, _pow2(n_bh)), "num_warps": 4}
+    return {"BLOCK_M": min(32, n2), "BLOCK_N": min(32, n2), "BLOCK_R": min(64, _pow2(n_bh)), "num_warps": 4,
+            "pair_stages": 1}
 
 
 def check_inputs(q, k, v, qp, kp, vp, point_weight, bias, z, key_mask):
@@ -246,5 +250,5 @@ def ipa_attention_triton(q, k, v, qp, kp, vp, point_weight, bias, z, key_mask=No
         q, k, qp, kp, w, bias, mask, z, stats, o_z, L, H, B * H, n_rows,
         C=C, P=P, DP=DP, DP_PAD=_pow2(DP), BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"],
         HAS_MASK=key_mask is not None, DOT_PRECISION="ieee" if z.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], num_stages=cfg["pair_stages"])
     return o_s, o_p, o_z

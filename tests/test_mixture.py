@@ -36,3 +36,13 @@ def test_exact_samples_follow_the_weights(mixture):
     w = torch.bincount(labels, minlength=3).double() / len(labels)
     se = torch.sqrt(mixture.weights * (1 - mixture.weights) / len(labels))
     assert ((w - mixture.weights).abs() < 4 * se).all()
+
+
+def test_score_runs_on_the_device_of_its_input(mixture):
+    """The mixture's parameters follow x to its device (seen on a GPU: CUDA x against CPU
+    parameters). The meta device stands in for a GPU here: any CPU tensor mixed in raises."""
+    x = torch.randn(5, mixture.n_atoms, mixture.spatial_dim, device="meta")
+    t = torch.full((5,), 0.3, device="meta")
+    s = mixture.score(x, t, t)
+    assert s.device.type == "meta" and s.shape == x.shape
+    assert mixture.log_prob(x).device.type == "meta"

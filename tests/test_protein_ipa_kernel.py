@@ -146,7 +146,8 @@ def test_gpu_triton_matches_reference(shape, dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_triton_kernels_compile_for_gpus(dtype):
     """Compile (not run) both kernels for sm_80 and sm_90 at the full-size shapes (c = 24,
-    4 / 8 points, d_pair 256): catches type and lowering errors without a GPU. Opt-in
+    4 / 8 points, d_pair 256): catches type and lowering errors without a GPU, and shared
+    memory over the card's limit (seen on an H200 before the pair kernel's stages were set). Opt-in
     (DIGFAST_COMPILE_CHECKS=1): the unrolled point and channel loops take ~90 s to compile on
     a small CPU."""
     triton = pytest.importorskip("triton")
@@ -159,27 +160,29 @@ def test_triton_kernels_compile_for_gpus(dtype):
     fp, f32 = f"*{dtype}", "*fp32"
     cfg = ipa.launch_config(256, 4 * 32)
     common = dict(C=24, P=4, HAS_MASK=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    smem_limit = {80: 163 * 1024, 90: 227 * 1024}  # per block, opt-in maximum (A100, H100/H200)
     kernels = [
         (ipa._ipa_rows_kernel,
          {"q_ptr": fp, "k_ptr": fp, "v_ptr": fp, "qp_ptr": f32, "kp_ptr": f32, "vp_ptr": f32, "w_ptr": f32,
           "bias_ptr": fp, "mask_ptr": "*i8", "os_ptr": f32, "op_ptr": f32, "stats_ptr": f32,
           "n_tokens": "i32", "n_heads": "i32", "n_rows": "i32"},
-         dict(common, C_PAD=32, PV3=24, PV3_PAD=32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])),
+         dict(common, C_PAD=32, PV3=24, PV3_PAD=32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]), 3),
         (ipa._ipa_pair_kernel,
          {"q_ptr": fp, "k_ptr": fp, "qp_ptr": f32, "kp_ptr": f32, "w_ptr": f32, "bias_ptr": fp, "mask_ptr": "*i8",
           "z_ptr": fp, "stats_ptr": f32, "oz_ptr": f32, "n_tokens": "i32", "n_heads": "i32", "n_bh": "i32",
           "n_rows": "i32"},
-         dict(common, DP=256, DP_PAD=256, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"])),
+         dict(common, DP=256, DP_PAD=256, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"]), cfg["pair_stages"]),
     ]
-    for kernel, signature, constexprs in kernels:
+    for kernel, signature, constexprs, stages in kernels:
         try:
             src = ASTSource(kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs)
         except TypeError as err:
             pytest.skip(f"ASTSource API differs in triton {triton.__version__}: {err}")
         for arch in (80, 90):
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                      options={"num_warps": cfg["num_warps"]})
+                                      options={"num_warps": cfg["num_warps"], "num_stages": stages})
             assert compiled.asm["ptx"]
+            assert compiled.metadata.shared <= smem_limit[arch], (kernel.__name__, arch, compiled.metadata.shared)
 
 
 _MODEL_WORKER = r"""

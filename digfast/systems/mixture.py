@@ -33,6 +33,16 @@ class GaussianMixture:
         self.name = name
         self.n_atoms, self.spatial_dim = means.shape[1], means.shape[2]
         self.atom_types = torch.zeros(self.n_atoms, dtype=torch.long)
+        self._on_device = {}
+
+    def _params(self, device):
+        """(means, stds, weights) on device, copied once per device (the score runs every step)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.means, self.stds, self.weights
+        if device not in self._on_device:
+            self._on_device[device] = tuple(t.to(device) for t in (self.means, self.stds, self.weights))
+        return self._on_device[device]
 
     @classmethod
     def default(cls) -> "GaussianMixture":
@@ -51,19 +61,20 @@ class GaussianMixture:
                 "weights": self.weights.tolist(), "name": self.name}
 
     # closed forms at time t of a schedule (t = 0 with alpha = 1, sigma = 0 is the data)
-    def _moments(self, alpha, sigma):
-        alpha = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1)  # (B or 1, 1)
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
-        var = alpha**2 * self.stds**2 + sigma**2  # (B, K)
+    def _moments(self, alpha, sigma, device):
+        alpha = torch.as_tensor(alpha, dtype=torch.float64, device=device).reshape(-1, 1)  # (B or 1, 1)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=device).reshape(-1, 1)
+        var = alpha**2 * self._params(device)[1] ** 2 + sigma**2  # (B, K)
         return alpha, var
 
     def _log_components(self, x, alpha, sigma):
         """log w_k + log N(x; alpha mu_k, var_k I_D) for each component: (B, K)."""
         x = x.to(torch.float64)
-        alpha, var = self._moments(alpha, sigma)
-        diff = x[:, None] - alpha[..., None, None] * self.means[None]  # (B, K, N, d)
+        means, _, weights = self._params(x.device)
+        alpha, var = self._moments(alpha, sigma, x.device)
+        diff = x[:, None] - alpha[..., None, None] * means[None]  # (B, K, N, d)
         sq = diff.pow(2).sum(dim=(-1, -2))
-        return torch.log(self.weights) - 0.5 * self.dof * torch.log(2 * math.pi * var) - 0.5 * sq / var
+        return torch.log(weights) - 0.5 * self.dof * torch.log(2 * math.pi * var) - 0.5 * sq / var
 
     def log_prob(self, x, alpha=1.0, sigma=0.0) -> torch.Tensor:
         """log density on the subspace of the marginal with coefficients (alpha, sigma): (B,)."""
@@ -81,8 +92,8 @@ class GaussianMixture:
         """grad log p of the marginal, in the subspace, same dtype as x."""
         x64 = remove_com(x.to(torch.float64))
         gamma = torch.softmax(self._log_components(x64, alpha, sigma), dim=-1)  # (B, K)
-        alpha_, var = self._moments(alpha, sigma)
-        diff = x64[:, None] - alpha_[..., None, None] * self.means[None]
+        alpha_, var = self._moments(alpha, sigma, x.device)
+        diff = x64[:, None] - alpha_[..., None, None] * self._params(x.device)[0][None]
         s = -(gamma / var)[..., None, None] * diff
         return s.sum(dim=1).to(x.dtype)
 
