@@ -86,6 +86,10 @@ section model 75 python bench/bench_model.py --size reference --atoms 256 --batc
 # Hutchinson K = 8 (forward and reverse mode) against one score evaluation, 12 x 768 at N = 256
 section divergence 60 python bench/bench_divergence.py --size reference --atoms 256 \
   --methods score hutchinson-forward hutchinson --json "$W/bench_divergence.json"
+# the same on the eager reference ops (which divergence mode a GPU should pick by default)
+section divergence_reference 60 env DIGFAST_BACKEND=reference python bench/bench_divergence.py \
+  --size reference --atoms 256 --methods score hutchinson-forward hutchinson \
+  --json "$W/bench_divergence_reference.json"
 section spatial_bias 45 python bench/bench_spatial_bias.py --out "$W/spatial_bias" --backward
 # DiG protein (issue 5): structures/s of the public 500-step sampler, public-style (one structure
 # per call, fp32) against the fast path; targets: L = 256 bf16 >= 100x public-style and >= 10

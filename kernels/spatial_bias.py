@@ -39,6 +39,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from triton.language.extra import libdevice
 
+from digfast.kernels.recompute import chunk_elements
 from digfast.ops.spatial_bias import spatial_bias_rows_reference
 
 INV_SQRT_2PI: tl.constexpr = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
@@ -46,7 +47,8 @@ INV_SQRT_2: tl.constexpr = tl.constexpr(1.0 / math.sqrt(2.0))
 STD_FLOOR: tl.constexpr = tl.constexpr(1e-2)  # stds.abs() + 1e-2, as in gaussian_basis
 
 # The backward recomputes at most about this many (pair, feature) elements per chunk of
-# query rows (each intermediate of the reference is B * rows * N * max(K, H) elements).
+# query rows (each intermediate of the reference is B * rows * N * max(K, H) elements), on
+# the CPU; on a GPU more, from free memory (kernels/recompute.py).
 BACKWARD_CHUNK_ELEMENTS = 1 << 22
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -514,9 +516,10 @@ class SpatialBiasTangent(torch.autograd.Function):
         return _tangent((x, pair_type, *params, mask), sets[0], sets[1:], size), (0, 0)
 
 
-def backward_chunk_rows(batch: int, n_atoms: int, features: int) -> int:
+def backward_chunk_rows(batch: int, n_atoms: int, features: int, device=torch.device("cpu")) -> int:
     """Query rows per recompute chunk of the backward (at least one)."""
-    return max(1, BACKWARD_CHUNK_ELEMENTS // max(1, batch * n_atoms * features))
+    budget = chunk_elements(torch.device(device), BACKWARD_CHUNK_ELEMENTS)
+    return max(1, budget // max(1, batch * n_atoms * features))
 
 
 class SpatialBiasTriton(torch.autograd.Function):
@@ -571,7 +574,7 @@ class SpatialBiasTriton(torch.autograd.Function):
         wanted = [n for n, pos in enumerate(positions) if ctx.needs_input_grad[pos]]
         sums = [None] * len(positions)
         B, N, _ = x.shape
-        step = backward_chunk_rows(B, N, max(params[2].shape[0], params[7].shape[0]))
+        step = backward_chunk_rows(B, N, max(params[2].shape[0], params[7].shape[0]), x.device)
         for r0 in range(0, N, step):
             rows = slice(r0, min(r0 + step, N))
             with torch.enable_grad():

@@ -47,13 +47,14 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from digfast.kernels.recompute import chunk_elements
 from digfast.ops.vector_head import fused_vector_head_rows_reference
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e)
 UNIT_EPS = 1e-6            # the reference's u_ij = delta / (|delta| + eps)
 MAX_HEAD_DIM = 256
 # The backward recomputes at most about this many (head, query, key, feature) elements per
-# chunk of query rows.
+# chunk of query rows on the CPU; on a GPU more, from free memory (kernels/recompute.py).
 BACKWARD_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -504,9 +505,11 @@ class FusedVectorHeadTangent(torch.autograd.Function):
         return _tangent(primal, tangents, size), 0
 
 
-def backward_chunk_rows(batch: int, heads: int, n_atoms: int, features: int) -> int:
+def backward_chunk_rows(batch: int, heads: int, n_atoms: int, features: int,
+                        device=torch.device("cpu")) -> int:
     """Query rows per recompute chunk of the backward (at least one)."""
-    return max(1, BACKWARD_CHUNK_ELEMENTS // max(1, batch * heads * n_atoms * features))
+    budget = chunk_elements(torch.device(device), BACKWARD_CHUNK_ELEMENTS)
+    return max(1, budget // max(1, batch * heads * n_atoms * features))
 
 
 class FusedVectorHeadTriton(torch.autograd.Function):
@@ -551,7 +554,7 @@ class FusedVectorHeadTriton(torch.autograd.Function):
         wanted = [n for n in positions if leaves[n] is not None and ctx.needs_input_grad[n]]
         sums = [None] * 5
         B, H, N, DH = q.shape
-        step = backward_chunk_rows(B, H, N, max(DH, x.shape[2]))
+        step = backward_chunk_rows(B, H, N, max(DH, x.shape[2]), x.device)
         lq, lk, lb, lx, lv = leaves
         for r0 in range(0, N, step):
             rows = slice(r0, min(r0 + step, N))
