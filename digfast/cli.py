@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=None)
     tr.add_argument("--tsm-sigma", type=float, default=None,
                     help="learn small-noise scores from the system's forces below this sigma/alpha (0: off)")
+    tr.add_argument("--t-power", type=float, default=None,
+                    help="training times t = t_min + (t_max - t_min) u^p, u uniform: p > 1 trains the "
+                         "small and middle noise levels more (default: the recipe's, 1)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --run-dir")
     tr.add_argument("--init", default=None, help="fine-tune: start from this trained model (name or folder) "
@@ -227,8 +230,8 @@ def _cmd_train(args) -> int:
 
     out = Path(args.out)
     run_dir = Path(args.run_dir) if args.run_dir else out / "run"
-    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("tsm_sigma", args.tsm_sigma))
-                 if v is not None}
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("tsm_sigma", args.tsm_sigma),
+                                   ("t_power", args.t_power)) if v is not None}
     init = args.init
     prior = None if args.prior_width is None else {"name": "boltzmann", "width": args.prior_width,
                                                    "cap": args.prior_cap, "onset": args.prior_onset}

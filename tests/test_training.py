@@ -242,3 +242,18 @@ def test_training_with_forces_runs_and_needs_both(rng):
         Trainer(_tiny_model(), data, None, _cfg(tsm_sigma=0.1))
     with pytest.raises(ValueError, match="shaped like"):
         Trainer(_tiny_model(), data, None, _cfg(tsm_sigma=0.1), forces=forces[:5])
+
+
+def test_cli_t_power_reaches_the_trainer(tmp_path, capsys):
+    import numpy as np
+
+    from digfast.cli import main
+
+    data = tmp_path / "dw4.npy"
+    np.save(data, DoubleWell4().reference_samples(64, seed=3).numpy())
+    out = tmp_path / "m"
+    assert main(["train", "--system", "dw4", "--data", str(data), "--out", str(out), "--steps", "2",
+                 "--batch-size", "8", "--t-power", "2.5", "--quiet"]) == 0, capsys.readouterr().err
+    assert digfast.load(str(out)).info["train_config"]["t_power"] == 2.5
+    with pytest.raises(ValueError, match="t_power"):
+        Trainer(_tiny_model(), torch.randn(16, 4, 2), None, _cfg(t_power=0.0))

@@ -84,6 +84,8 @@ class Trainer:
                 raise ValueError(f"weights must be ({train.shape[0]},), finite, non-negative, not all zero")
         if config.objective not in ("dsm", "pidp"):
             raise ValueError(f"unknown objective {config.objective!r}: 'dsm' or 'pidp'")
+        if not config.t_power > 0:
+            raise ValueError(f"t_power must be > 0, got {config.t_power}")
         if (forces is None) != (config.tsm_sigma <= 0 and config.objective == "dsm"):
             raise ValueError("tsm_sigma > 0 and PIDP need forces, and forces need one of them")
         if forces is not None and (forces.shape != train.shape or not torch.isfinite(forces).all()):
