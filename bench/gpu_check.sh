@@ -80,6 +80,13 @@ section sampler 60 python bench/bench_sampler.py --json "$W/bench_sampler.json"
 for n in 256 1024 4096 64; do
   section "attention_$n" 75 python bench/bench_pair_bias_attention.py --sizes "$n" --out "$W/attention_$n"
 done
+# the forward's tile shapes autotuned (DIGFAST_AUTOTUNE=1, opt-in until measured): parity, then time
+section attention_autotune_tests 60 env DIGFAST_AUTOTUNE=1 python -m pytest -q -p no:cacheprovider \
+  -k gpu tests/test_pair_bias_attention_kernel.py
+for n in 256 4096; do
+  section "attention_autotune_$n" 45 env DIGFAST_AUTOTUNE=1 python bench/bench_pair_bias_attention.py \
+    --sizes "$n" --forward-only --only triton,flex --out "$W/attention_autotune_$n"
+done
 # whole Graphormer-3D (12 x 768, 32 heads, 128 Gaussians, N = 256, B = 8, fp32): kernels vs eager
 section model 75 python bench/bench_model.py --size reference --atoms 256 --batch 8 --backward \
   --json "$W/bench_model.json"

@@ -360,6 +360,22 @@ def padded(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+# DIGFAST_AUTOTUNE=1: the forward tries these (BLOCK_M, BLOCK_N, warps, stages) on its first
+# call for each N, head dim and dtype on a GPU and keeps the fastest. Opt-in until a GPU run
+# compares it: on an H200 the fixed 64 x 64 tile ran at 3.7x the bandwidth floor at N = 256
+# (FlexAttention 2.2x; bench/RESULTS.md, 2026-11-28).
+FORWARD_TUNING = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3),
+                  (128, 32, 4, 3), (64, 32, 4, 4), (128, 64, 4, 2), (32, 64, 2, 3))
+_pair_bias_attn_fwd_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+             for m, n, w, st in FORWARD_TUNING],
+    key=["n_tokens", "DH", "HAS_BIAS", "HAS_MASK"])(_pair_bias_attn_fwd_kernel)
+
+
+def autotuning() -> bool:
+    return os.environ.get("DIGFAST_AUTOTUNE") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def launch_config(n_tokens: int, d_pad: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps), the same for the forward and both backward kernels.
     64 x 64 tiles (the float32 logit, probability and ds tiles stay in registers at 4 warps);
@@ -440,9 +456,13 @@ def pair_bias_attention_forward_into(out, stats, q, k, v, bias=None, key_mask=No
     if B * H == 0:
         return out, stats
     bias_arg, mask_arg, scale, strides, meta = _common(q, k, v, bias, key_mask)
-    grid = (B * H, triton.cdiv(N, meta["BLOCK_M"]))
-    _pair_bias_attn_fwd_kernel[grid](q, k, v, bias_arg, mask_arg, out, stats, N, H, B * H * N,
-                                     scale * 1.4426950408889634, *strides, **meta)
+    args = (q, k, v, bias_arg, mask_arg, out, stats, N, H, B * H * N, scale * 1.4426950408889634, *strides)
+    if autotuning():
+        for tuned in ("BLOCK_M", "BLOCK_N", "num_warps"):
+            meta.pop(tuned)
+        _pair_bias_attn_fwd_tuned[lambda m: (B * H, triton.cdiv(N, m["BLOCK_M"]))](*args, **meta)
+    else:
+        _pair_bias_attn_fwd_kernel[(B * H, triton.cdiv(N, meta["BLOCK_M"]))](*args, **meta)
     return out, stats
 
 
