@@ -39,7 +39,21 @@ def config(size: str) -> Graphormer3DConfig:
     return Graphormer3DConfig(n_atom_types=8, layers=4, width=64, heads=4, ffn=128, gaussians=32)
 
 
-def measure(net, n_atoms, batch, probes, device, warmup, repeat, methods):
+def print_profile(fn, device, label, rows=15):
+    """One more call under torch.profiler: the ops that take the time (where a method's cost
+    goes, e.g. a vmap fallback or a slow kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"--- profile: {label} (sorted by {key})")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
+def measure(net, n_atoms, batch, probes, device, warmup, repeat, methods, profile=False):
     g = torch.Generator().manual_seed(n_atoms)
     types = torch.randint(0, net.cfg.n_atom_types, (n_atoms,), generator=g).to(device)
     x = (1.5 * n_atoms ** (1 / 3) * torch.rand(batch, n_atoms, 3, generator=g)).to(device)
@@ -65,6 +79,8 @@ def measure(net, n_atoms, batch, probes, device, warmup, repeat, methods):
                 drift.divergence_at(x, 0.5)
         try:
             times = timed(fn, device, warmup, repeat)
+            if profile:
+                print_profile(fn, device, method)
         except (RuntimeError, NotImplementedError) as err:  # e.g. out of memory, no forward mode
             print(f"N={n_atoms:4d} B={batch:3d} {method:>19s} failed: {str(err).splitlines()[0]}")
             rows.append(dict(bench="divergence", method=method, device=str(device), N=n_atoms,
@@ -104,6 +120,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="print the top ops of one more call per method")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.size == "reference" and device.type != "cuda":
@@ -117,7 +134,7 @@ def main():
     rows = []
     for n in args.atoms:
         rows += measure(net, n, args.batch, args.probes, device, args.warmup, args.repeat,
-                        args.methods)
+                        args.methods, args.profile)
     write_json(args.json, {**environment(), "threads": torch.get_num_threads()}, rows)
 
 

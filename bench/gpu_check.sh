@@ -92,7 +92,7 @@ section model 75 python bench/bench_model.py --size reference --atoms 256 --batc
   --json "$W/bench_model.json"
 # Hutchinson K = 8 (forward and reverse mode) against one score evaluation, 12 x 768 at N = 256
 section divergence 60 python bench/bench_divergence.py --size reference --atoms 256 \
-  --methods score hutchinson-forward hutchinson --json "$W/bench_divergence.json"
+  --methods score hutchinson-forward hutchinson --json "$W/bench_divergence.json" --profile --repeat 3
 # the same on the eager reference ops (which divergence mode a GPU should pick by default)
 section divergence_reference 60 env DIGFAST_BACKEND=reference python bench/bench_divergence.py \
   --size reference --atoms 256 --methods score hutchinson-forward hutchinson \
