@@ -516,7 +516,7 @@ def pair_bias_attention_jvp_into(tout, q, k, v, bias, key_mask, out, stats, tq, 
     if tbias is not None and bias is None:
         raise ValueError("a bias tangent needs a bias")
     if stats.shape != (2, B, H, N) or not stats.is_contiguous() or not out.is_contiguous():
-        raise ValueError(f"out and stats must be the forward's contiguous outputs")
+        raise ValueError("out and stats must be the forward's contiguous outputs")
     if T * B * H == 0:
         return tout
     bias_arg, mask_arg, scale, strides, meta = _common(q, k, v, bias, key_mask)

@@ -245,7 +245,6 @@ def _spatial_bias_jvp_kernel(
     w1t = tl.load(w1_ptr + k[None, :] * K + k[:, None], mask=kk_in, other=0.0).to(dot_dtype)
     b1 = tl.load(b1_ptr + k, mask=k_in, other=0.0).to(tl.float32)
     w2t = tl.load(w2_ptr + h[None, :] * K + k[:, None], mask=kh_in, other=0.0).to(dot_dtype)
-    b2 = tl.load(b2_ptr + h, mask=h_in, other=0.0).to(tl.float32)
     # parameter tangents of this set (zeros without HAS_TP)
     dmeans = tl.zeros((K_PAD,), dtype=tl.float32)
     dstd = tl.zeros((K_PAD,), dtype=tl.float32)

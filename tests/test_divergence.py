@@ -11,7 +11,6 @@ from digfast import likelihood
 from digfast.likelihood import (AUTO_EXACT_MAX_COORDS, _Drift, log_likelihood, rademacher_probes,
                                 resolve_divergence)
 from digfast.models.graphormer3d import Graphormer3D, Graphormer3DConfig
-from digfast.ops.sampler_step import remove_com
 from digfast.schedules import LinearVP
 
 

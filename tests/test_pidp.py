@@ -9,7 +9,7 @@ from digfast.ops.sampler_step import remove_com
 from digfast.schedules import GeometricVE, LinearVP
 from digfast.systems import DoubleWell4
 from digfast.training import TrainConfig, Trainer
-from digfast.training.pidp import (force_match, fokker_planck_residual, network_score, pidp_loss, prior_match,
+from digfast.training.pidp import (force_match, fokker_planck_residual, pidp_loss, prior_match,
                                    rademacher_subspace_probes, subspace_basis, time_derivative)
 
 

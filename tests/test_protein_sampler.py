@@ -11,7 +11,7 @@ from digfast.models.protein import ProteinConfig, load_official_protein
 from digfast.models.protein.fast import FastProteinModel
 from digfast.protein import sampler, so3
 from digfast.protein.backbone import backbone_atoms
-from digfast.protein.engine import reference_score_fn, sample_protein
+from digfast.protein.engine import sample_protein
 
 from protein_helpers import FIXTURE, SMALL, random_inputs, random_model
 

@@ -61,9 +61,12 @@ class ScoreModel(nn.Module):
             eps = eps * (sigma2 / (sigma2 + onset**2)).to(x.dtype)[:, None, None]
         return eps + base
 
-    def score(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = self.schedule.sigma(t.detach().cpu().double()).to(x.device, x.dtype)
-        return -remove_com(self.predict_noise(x, t, mask), mask) / sigma[:, None, None]
+    def score(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None, net=None) -> torch.Tensor:
+        """grad log p_t(x) in normalised coordinates, differentiable in x and t (PIDP trains
+        through d/dt); net: another network in the model's place (e.g. its EMA copy)."""
+        sigma = self.schedule.sigma(t.double()).to(x.dtype)
+        eps = self.noise_of(self.net if net is None else net, x, t, mask)
+        return -remove_com(eps, mask) / sigma[:, None, None]
 
     def config(self) -> dict:
         return {"format": "digfast-score-model/1", "architecture": "graphormer3d",

@@ -94,15 +94,7 @@ def residual_weight(schedule, t: torch.Tensor, floor: float = 0.1) -> torch.Tens
 def network_score(model, net=None):
     """score(x, t) of a ScoreModel (or of `net`, e.g. its EMA copy, in its place) in the
     model's normalised coordinates, differentiable in x and t."""
-    net = model.net if net is None else net
-    sched = model.schedule
-
-    def score(x, t):
-        eps = model.noise_of(net, x, t)
-        sigma = sched.sigma(t.double()).to(x.dtype)
-        return -remove_com(eps) / sigma[:, None, None]
-
-    return score
+    return lambda x, t: model.score(x, t, net=net)
 
 
 def force_match(score, schedule, x0: torch.Tensor, eps: torch.Tensor, forces: torch.Tensor, t_min: float):
