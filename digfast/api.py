@@ -11,7 +11,7 @@ import torch
 
 from digfast import likelihood as _lik
 from digfast import samplers as _samplers
-from digfast.arguments import check_choice, check_fits_in_memory, check_float, check_int
+from digfast.arguments import check_choice, check_device, check_fits_in_memory, check_float, check_int
 from digfast.io import InputError, check_positions
 from digfast.ops.philox import check_seed
 from digfast.results import SampleResult
@@ -70,12 +70,6 @@ def _resolve_system(model, system):
         raise TypeError("model must have .schedule and .score(x, t, mask=None)")
     return system
 
-
-def _resolve_device(device) -> torch.device:
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' asked for, but torch sees no GPU")
-    return device
 
 
 def _score_fn(model):
@@ -210,7 +204,7 @@ def check_sample_args(model, system, n, steps, sampler, seed, first_sample_id, t
     if t_min is not None:
         t_min = check_float("t_min", t_min, minimum=0.0, maximum=float(model.schedule.t_max))
     _batch_size(batch_size, 1, system.n_atoms)
-    return system, run, n, steps, seed, first_sample_id, t_min, _resolve_device(device)
+    return system, run, n, steps, seed, first_sample_id, t_min, check_device(device)
 
 
 def _draw(sampler_args, seed: int, sample_ids: torch.Tensor, mask, bs: int):
@@ -286,7 +280,7 @@ def log_likelihood(model, system=None, positions=None, *, divergence: str = "aut
     if positions.shape[1:] != (system.n_atoms, system.spatial_dim):
         raise ValueError(f"positions must be (n, {system.n_atoms}, {system.spatial_dim}), "
                          f"got {tuple(positions.shape)}")
-    device = _resolve_device(device)
+    device = check_device(device)
     n = positions.shape[0]
     mask = _check_mask(mask, n, system.n_atoms)
     if t_min is None:

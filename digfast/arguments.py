@@ -5,6 +5,8 @@ import math
 import numbers
 import os
 
+import torch
+
 
 def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
     """value as an int; bools, non-integral floats, strings and out-of-range values raise."""
@@ -38,6 +40,14 @@ def check_choice(name: str, value, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {name} {value!r}; known: {sorted(choices)}")
     return value
+
+
+def check_device(device) -> torch.device:
+    """torch.device of device (None: the CPU); a GPU asked for where torch sees none is refused."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' asked for, but torch sees no GPU")
+    return device
 
 
 def available_host_bytes() -> int | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from digfast import cli_property, cli_protein
+from digfast.arguments import check_device
 
 
 def _positive_int(text: str) -> int:
@@ -107,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="training times t = t_min + (t_max - t_min) u^p, u uniform: p > 1 trains the "
                          "small and middle noise levels more (default: the recipe's, 1)")
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="cpu", help="cpu or cuda (DSM; PIDP trains on the CPU); batches are "
+                    "drawn on the CPU, so a seed gives the same run on either")
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --run-dir")
     tr.add_argument("--init", default=None, help="fine-tune: start from this trained model (name or folder) "
                     "with a fresh optimiser and learning-rate schedule")
@@ -226,6 +229,7 @@ def _cmd_likelihood(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    check_device(args.device)  # before any data are read or forces computed
     from digfast.training.recipes import build_pidp_trainer, build_trainer, train_and_save
 
     out = Path(args.out)
@@ -248,7 +252,7 @@ def _cmd_train(args) -> int:
             return 0
         init, args.resume, prior = str(folder), False, None  # the DSM stage goes on from the PIDP model, prior and all
     trainer = build_trainer(args.system, args.data, args.val, run_dir, steps=args.steps, seed=args.seed,
-                            resume=args.resume, overrides=overrides, init=init, prior=prior)
+                            resume=args.resume, overrides=overrides, init=init, prior=prior).to(args.device)
     folder = train_and_save(trainer, out, progress=not args.quiet)
     last = trainer.history[-1] if trainer.history else {}
     print(f"digfast: trained {args.system} for {trainer.step} steps; val loss {last.get('val_loss', float('nan')):.4f}; "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from digfast import io
+from digfast.arguments import check_device
 
 
 @dataclass
@@ -102,7 +103,7 @@ def reaction_path(model, system=None, start=None, end=None, n_points: int = 32, 
     ends = torch.stack([torch.as_tensor(start), torch.as_tensor(end)]).to(dtype)
     if ends.shape[1:] != (system.n_atoms, system.spatial_dim):
         raise ValueError(f"start and end must be ({system.n_atoms}, {system.spatial_dim}), got {tuple(ends.shape[1:])}")
-    device = api._resolve_device(device)
+    device = check_device(device)
     scale = api._scale(model)
     t0 = default_t_min(model.schedule) if t_min is None else t_min
     t1 = model.schedule.t_max

@@ -257,3 +257,45 @@ def test_cli_t_power_reaches_the_trainer(tmp_path, capsys):
     assert digfast.load(str(out)).info["train_config"]["t_power"] == 2.5
     with pytest.raises(ValueError, match="t_power"):
         Trainer(_tiny_model(), torch.randn(16, 4, 2), None, _cfg(t_power=0.0))
+
+
+def test_trainer_to_cpu_is_the_same_run(tmp_path):
+    """Batches come from the trainer's CPU generator whatever the device: .to("cpu") changes
+    nothing, and a model comes back on the CPU with its backend free."""
+    data = DoubleWell4().reference_samples(64, seed=5)
+    a, b = (Trainer(_tiny_model(), data, None, _cfg()) for _ in range(2))
+    b.to("cpu")
+    assert [a.train_step() for _ in range(3)] == [b.train_step() for _ in range(3)]
+    model = b.ema_model()
+    assert model.net.backend is None and next(model.net.parameters()).device.type == "cpu"
+
+
+def test_trainer_refuses_a_missing_gpu_and_pidp_off_the_cpu(monkeypatch):
+    data = DoubleWell4().reference_samples(32, seed=6)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no GPU"):
+        Trainer(_tiny_model(), data, None, _cfg()).to("cuda")
+    pidp = Trainer(_tiny_model(), data, None, _cfg(objective="pidp"), forces=torch.randn_like(data))
+    with pytest.raises(NotImplementedError, match="PIDP"):
+        pidp.to("meta")
+
+
+def test_cli_train_refuses_a_missing_gpu_before_reading_data(tmp_path, monkeypatch, capsys):
+    from digfast.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    missing = tmp_path / "absent.npy"  # never read: the device is checked first
+    assert main(["train", "--system", "dw4", "--data", str(missing), "--out", str(tmp_path / "m"),
+                 "--device", "cuda", "--quiet"]) == 2
+    assert "no GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_training_matches_cpu():
+    """The same seed on the GPU draws the same batches: losses agree to float32 rounding."""
+    data = DoubleWell4().reference_samples(64, seed=7)
+    cpu = Trainer(_tiny_model(), data, None, _cfg())
+    gpu = Trainer(_tiny_model(), data, None, _cfg()).to("cuda")
+    for _ in range(3):
+        on_cpu, on_gpu = cpu.train_step(), gpu.train_step()
+        assert abs(on_cpu - on_gpu) <= 1e-4 * abs(on_cpu) + 1e-6

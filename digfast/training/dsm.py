@@ -20,12 +20,14 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from digfast.arguments import check_device
 from digfast.models.score_model import ScoreModel
 from digfast.ops.sampler_step import remove_com
 
@@ -103,8 +105,29 @@ class Trainer:
         self.ema = copy.deepcopy(model.net).requires_grad_(False)
         self.opt = torch.optim.AdamW(model.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.gen = torch.Generator().manual_seed(config.seed)
+        self.device = torch.device("cpu")
         self.step = 0
         self.history: list[dict] = []
+
+    def to(self, device) -> "Trainer":
+        """Train on device (e.g. "cuda"): the network, its EMA copy and the optimiser state move
+        there. Batches are still drawn on the CPU from the trainer's generator, so a run draws the
+        same data, times and noise on every device."""
+        device = check_device(device)
+        if device.type != "cpu" and self.cfg.objective == "pidp":
+            raise NotImplementedError("PIDP trains on the CPU only so far")
+        self.model.net.to(device)
+        self.ema.to(device)
+        for state in self.opt.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and key != "step":  # Adam keeps its step count on the CPU
+                    state[key] = value.to(device)
+        if device.type == "cuda" and self.model.net.backend is None and not os.environ.get("DIGFAST_BACKEND"):
+            # training through the Triton kernels ran at 0.11x eager on an H200 (bench/RESULTS.md,
+            # 2026-11-28): the eager ops until a GPU run shows the kernels ahead
+            self.model.net.backend = self.ema.backend = "reference"
+        self.device = device
+        return self
 
     # -- one step -------------------------------------------------------------------
     def _times(self, b):
@@ -144,7 +167,8 @@ class Trainer:
             x0 = x0 @ rot
             f0 = None if f0 is None else f0 @ rot  # forces rotate with the structure
         eps = remove_com(torch.randn(x0.shape, generator=self.gen))
-        return x0, self._times(x0.shape[0]), eps, f0
+        t, dev = self._times(x0.shape[0]), self.device
+        return x0.to(dev), t.to(dev), eps.to(dev), None if f0 is None else f0.to(dev)
 
     def _lr(self):
         if self.step < self.cfg.warmup:
@@ -213,6 +237,7 @@ class Trainer:
         """The EMA weights behind the model interface (what gets shipped)."""
         m = copy.deepcopy(self.model)
         m.net.load_state_dict(self.ema.state_dict())
+        m.net.to("cpu").backend = None  # a model comes back on the CPU, each op free to pick its backend
         m.info.update({"train_steps": self.step, "train_config": asdict(self.cfg)})
         return m.eval()
 
