@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--t-power", type=float, default=None,
                     help="training times t = t_min + (t_max - t_min) u^p, u uniform: p > 1 trains the "
                          "small and middle noise levels more (default: the recipe's, 1)")
+    tr.add_argument("--network", type=_network_sizes, default=None, metavar="KEY=N,...",
+                    help="network sizes replacing the recipe's, e.g. layers=6,width=128,heads=8,ffn=256,"
+                         "gaussians=64")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="cpu", help="cpu or cuda (DSM; PIDP trains on the CPU); batches are "
                     "drawn on the CPU, so a seed gives the same run on either")
@@ -228,6 +231,26 @@ def _cmd_likelihood(args) -> int:
     return 0
 
 
+NETWORK_SIZES = ("layers", "width", "heads", "ffn", "gaussians", "max_path")
+
+
+def _network_sizes(text: str) -> dict:
+    """'layers=6,width=128' -> {"layers": 6, "width": 128}; unknown keys and non-positive sizes refused."""
+    sizes = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in NETWORK_SIZES:
+            raise argparse.ArgumentTypeError(f"unknown network size {key!r}; known: {', '.join(NETWORK_SIZES)}")
+        try:
+            sizes[key] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key} must be an integer, got {value!r}") from None
+        if sizes[key] < (0 if key == "max_path" else 1):
+            raise argparse.ArgumentTypeError(f"{key} must be positive, got {sizes[key]}")
+    return sizes
+
+
 def _cmd_train(args) -> int:
     check_device(args.device)  # before any data are read or forces computed
     from digfast.training.recipes import build_pidp_trainer, build_trainer, train_and_save
@@ -243,16 +266,18 @@ def _cmd_train(args) -> int:
         pidp_out = out / "pidp" if args.data else out
         trainer, report = build_pidp_trainer(args.system, pidp_out / "run" if args.data else run_dir,
                                              steps=args.pidp_steps, seed=args.seed, resume=args.resume,
-                                             candidates=args.candidates, prior=prior)
+                                             candidates=args.candidates, prior=prior, network=args.network)
         print(f"digfast: {report.n} PIDP candidates in {report.seconds:.1f} s ({report.energy_evaluations} energy "
               f"evaluations; mean energy {report.energy_mean:.2f})")
         folder = train_and_save(trainer, pidp_out, progress=not args.quiet)
         print(f"digfast: PIDP {trainer.step} steps; model in {folder}")
         if not args.data:
             return 0
-        init, args.resume, prior = str(folder), False, None  # the DSM stage goes on from the PIDP model, prior and all
+        # the DSM stage goes on from the PIDP model, prior, network and all
+        init, args.resume, prior, args.network = str(folder), False, None, None
     trainer = build_trainer(args.system, args.data, args.val, run_dir, steps=args.steps, seed=args.seed,
-                            resume=args.resume, overrides=overrides, init=init, prior=prior).to(args.device)
+                            resume=args.resume, overrides=overrides, init=init, prior=prior,
+                            network=args.network).to(args.device)
     folder = train_and_save(trainer, out, progress=not args.quiet)
     last = trainer.history[-1] if trainer.history else {}
     print(f"digfast: trained {args.system} for {trainer.step} steps; val loss {last.get('val_loss', float('nan')):.4f}; "

@@ -299,3 +299,22 @@ def test_gpu_training_matches_cpu():
     for _ in range(3):
         on_cpu, on_gpu = cpu.train_step(), gpu.train_step()
         assert abs(on_cpu - on_gpu) <= 1e-4 * abs(on_cpu) + 1e-6
+
+
+def test_cli_network_sizes(tmp_path, capsys):
+    import numpy as np
+
+    from digfast.cli import main
+
+    data = tmp_path / "dw4.npy"
+    np.save(data, DoubleWell4().reference_samples(64, seed=4).numpy())
+    out = tmp_path / "m"
+    assert main(["train", "--system", "dw4", "--data", str(data), "--out", str(out), "--steps", "2",
+                 "--batch-size", "8", "--network", "layers=1,width=24,heads=3,ffn=16,gaussians=8",
+                 "--quiet"]) == 0, capsys.readouterr().err
+    cfg = digfast.load(str(out)).net.cfg
+    assert (cfg.layers, cfg.width, cfg.heads, cfg.ffn, cfg.gaussians) == (1, 24, 3, 16, 8)
+    for bad in ("depth=3", "width=0", "width=wide"):
+        with pytest.raises(SystemExit):
+            main(["train", "--system", "dw4", "--out", str(tmp_path / "x"), "--network", bad])
+    assert "unknown network size 'depth'" in capsys.readouterr().err
