@@ -191,6 +191,16 @@ def test_shipped_models_load_and_sample(name):
     assert abs(float(e.median() - ref.median())) < 3 * float(ref.std())
 
 
+@pytest.mark.parametrize("name, data", [("dw4-pidp", "PIDP on"), ("dw4-pidp-dsm-1pct", "1% of the public")])
+def test_shipped_pidp_models_load_and_sample(name, data):
+    """The PIDP demonstrations of bench/RESULTS.md, shipped by name (not accurate models: see
+    the README's PIDP section)."""
+    model = digfast.load(name)
+    assert data in model.info["data"] and model.prior["name"] == "boltzmann"
+    out = digfast.sample_batch(model, n=32, steps=20, progress=False)
+    assert out.metadata["n_nonfinite"] == 0
+
+
 def test_weighted_batches_follow_the_weights(rng):
     data = _data(rng, 40)
     weights = torch.zeros(40)
