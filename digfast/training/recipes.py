@@ -18,9 +18,10 @@ RECIPES = {
                 schedule={"name": "linear"}, default_steps=500,
                 train=dict(steps=30_000, batch_size=512, lr=1e-3, warmup=500, ema_decay=0.9995, t_power=2.0,
                            tsm_sigma=0.1)),
-    "lj13": dict(network=dict(layers=4, width=64, heads=4, ffn=128, gaussians=32),
+    "lj13": dict(network=dict(layers=4, width=128, heads=8, ffn=256, gaussians=64),
                  schedule={"name": "linear"}, default_steps=500,
-                 train=dict(steps=20_000, batch_size=128, lr=1e-3, warmup=500, ema_decay=0.999, tsm_sigma=0.1)),
+                 train=dict(steps=12_000, batch_size=128, lr=5e-4, warmup=500, ema_decay=0.999, t_power=3.0,
+                            tsm_sigma=0.1)),
     # element types + bond-graph path bias; trained on the shipped reference's training split
     "alanine-dipeptide": dict(network=dict(layers=5, width=96, heads=8, ffn=192, gaussians=32, max_path=3),
                               schedule={"name": "linear"}, default_steps=200,
