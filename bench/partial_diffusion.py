@@ -33,8 +33,8 @@ def run(model, ref: torch.Tensor, n: int, starts: list[int], steps: int, seed: i
     disc = model.schedule.discrete(steps)
     scale = model.position_scale
     g = torch.Generator().manual_seed(seed + 1)
-    rows = [dict(start=0, sigma=0.0, energy_w1=wasserstein1(energy(x0.double()), e_rest), mean_shift=float(
-        energy(x0.double()).mean() - e_rest.mean()))]
+    e0 = energy(x0.double())
+    rows = [dict(start=0, sigma=0.0, energy_w1=wasserstein1(e0, e_rest), mean_shift=float(e0.mean() - e_rest.mean()))]
     for i0 in starts:
         x = float(disc.alpha[i0]) * remove_com(x0) / scale + float(disc.sigma[i0]) * remove_com(
             torch.randn(x0.shape, generator=g))

@@ -21,3 +21,9 @@ def chunk_elements(device: torch.device, floor: int) -> int:
         return floor
     free, _ = torch.cuda.mem_get_info(device)
     return max(floor, free // (8 * 4 * _LIVE_INTERMEDIATES))
+
+
+def chunk_rows(device, floor: int, elements_per_row: int) -> int:
+    """Query rows per recompute chunk (at least one), each row holding elements_per_row
+    elements of every intermediate."""
+    return max(1, chunk_elements(torch.device(device), floor) // max(1, elements_per_row))

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from triton.language.extra import libdevice
 
-from digfast.kernels.recompute import chunk_elements
+from digfast.kernels.recompute import chunk_rows
 from digfast.ops.spatial_bias import spatial_bias_rows_reference
 
 INV_SQRT_2PI: tl.constexpr = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
@@ -517,8 +517,7 @@ class SpatialBiasTangent(torch.autograd.Function):
 
 def backward_chunk_rows(batch: int, n_atoms: int, features: int, device=torch.device("cpu")) -> int:
     """Query rows per recompute chunk of the backward (at least one)."""
-    budget = chunk_elements(torch.device(device), BACKWARD_CHUNK_ELEMENTS)
-    return max(1, budget // max(1, batch * n_atoms * features))
+    return chunk_rows(device, BACKWARD_CHUNK_ELEMENTS, batch * n_atoms * features)
 
 
 class SpatialBiasTriton(torch.autograd.Function):

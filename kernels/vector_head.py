@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from digfast.kernels.recompute import chunk_elements
+from digfast.kernels.recompute import chunk_rows
 from digfast.ops.vector_head import fused_vector_head_rows_reference
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e)
@@ -508,8 +508,7 @@ class FusedVectorHeadTangent(torch.autograd.Function):
 def backward_chunk_rows(batch: int, heads: int, n_atoms: int, features: int,
                         device=torch.device("cpu")) -> int:
     """Query rows per recompute chunk of the backward (at least one)."""
-    budget = chunk_elements(torch.device(device), BACKWARD_CHUNK_ELEMENTS)
-    return max(1, budget // max(1, batch * heads * n_atoms * features))
+    return chunk_rows(device, BACKWARD_CHUNK_ELEMENTS, batch * heads * n_atoms * features)
 
 
 class FusedVectorHeadTriton(torch.autograd.Function):
