@@ -83,6 +83,30 @@ def test_cap_bends_only_large_scores(rng):
     torch.testing.assert_close(cos, torch.ones_like(cos))
 
 
+def test_cap_survives_clashes_in_float32(rng):
+    """An LJ clash gives forces far past cap^2 (r^-13): the capped value must be ~cap with a
+    finite gradient, not 0 and NaN (what overflowing (|v|/cap)^8 in float32 gave)."""
+    direction = torch.nn.functional.normalize(torch.randn(4, 2, 3, generator=rng), dim=-1)
+    for size in (1e3, 1e9, 1e25):
+        v = (size * direction).requires_grad_(True)
+        out = capped(v, 100.0)
+        out.sum().backward()
+        torch.testing.assert_close(out.norm(dim=-1), torch.full((4, 2), 100.0), rtol=1e-4, atol=0)
+        assert torch.isfinite(v.grad).all()
+    zero = torch.zeros(1, 1, 3, requires_grad=True)
+    capped(zero, 100.0).sum().backward()
+    torch.testing.assert_close(zero.grad, torch.ones(1, 1, 3))
+
+
+def test_cap_gradients_match_finite_differences(rng):
+    """Both branches of the stable form (|v| below and above cap), to second order (PIDP)."""
+    v = torch.randn(2, 3, 3, generator=rng, dtype=torch.float64) * torch.tensor([0.3, 1.0, 4.0],
+                                                                                  dtype=torch.float64)[:, None]
+    v.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda u: capped(u, 2.0), (v,))
+    assert torch.autograd.gradgradcheck(lambda u: capped(u, 2.0), (v,))
+
+
 def test_score_is_differentiable_in_t_and_x(rng):
     """d/dt by autodiff (what PIDP trains on) against central differences, on the prior's share
     (the network's is test_pidp's)."""

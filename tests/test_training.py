@@ -7,7 +7,7 @@ from digfast.models import Graphormer3D, Graphormer3DConfig
 from digfast.models.score_model import ScoreModel
 from digfast.schedules import LinearVP
 from digfast.systems import DoubleWell4
-from digfast.training import TrainConfig, Trainer
+from digfast.training import TrainConfig, Trainer, TrainingDiverged
 
 
 def _tiny_model(seed=0):
@@ -49,6 +49,20 @@ def test_resume_is_bit_for_bit(rng, tmp_path):
         assert torch.equal(a, b)
     for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_non_finite_loss_stops_training_before_the_update(rng, tmp_path):
+    data = _data(rng)
+    trainer = Trainer(_tiny_model(), data, data[:16], _cfg(), out_dir=tmp_path)
+    trainer.fit(progress=False, until=6)  # a checkpoint at step 6
+    before = {k: v.clone() for k, v in trainer.model.net.state_dict().items()}
+    saved = (tmp_path / "checkpoint.safetensors").read_bytes()
+    trainer._loss = lambda *a: torch.tensor(float("nan"), requires_grad=True)
+    with pytest.raises(TrainingDiverged, match="nan at step 7"):
+        trainer.fit(progress=False)
+    assert trainer.step == 6
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.net.state_dict().items())
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == saved
 
 
 def test_damaged_checkpoints_are_refused_by_name(rng, tmp_path):

@@ -47,8 +47,16 @@ def capped(score: torch.Tensor, cap: float) -> torch.Tensor:
     """Each atom's score vector v -> v (1 + (|v| / cap)^8)^(-1/8): unchanged (to 0.1%) below
     cap / 2, where the thermal forces live, and at most `cap` at a clash, where the raw force
     (LJ: r^-13) would throw the atoms apart in one explicit sampler step. Smooth, so PIDP can
-    differentiate it."""
-    return score * (1.0 + (score.pow(2).sum(-1, keepdim=True) / cap**2).pow(4)).pow(-0.125)
+    differentiate it.
+
+    Evaluated in float64 as (1/M) (M^-8 + (m/M)^8)^(-1/8) with m = |v| / cap, M = max(1, m):
+    the same function, but no power overflows, so a clash gives a finite value and gradient
+    (the direct form gave 0 and NaN from |v| ~ 1e5 cap in float32)."""
+    v = score.double()
+    m2 = v.pow(2).sum(-1, keepdim=True) / cap**2  # m^2; no sqrt, whose gradient is NaN at v = 0
+    big = m2.clamp(min=1.0)  # M^2
+    scale = big.rsqrt() * (big.pow(-4) + (m2 / big).pow(4)).pow(-0.125)
+    return (v * scale).to(score.dtype)
 
 
 def boltzmann_score(system, position_scale: float, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

@@ -1,3 +1,3 @@
-from digfast.training.dsm import TrainConfig, Trainer
+from digfast.training.dsm import TrainConfig, Trainer, TrainingDiverged
 
-__all__ = ["TrainConfig", "Trainer"]
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged"]

@@ -34,6 +34,10 @@ from digfast.ops.sampler_step import remove_com
 CHECKPOINT_TENSORS, CHECKPOINT_STATE = "checkpoint.safetensors", "checkpoint.json"
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or inf."""
+
+
 @dataclass
 class TrainConfig:
     steps: int = 10_000
@@ -182,6 +186,10 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
         loss = self._loss(net, x0, t, eps, f0)
+        if not torch.isfinite(loss):  # stop before the weights (and the next checkpoint) are spoiled
+            raise TrainingDiverged(f"{self.cfg.objective} loss is {float(loss)} at step {self.step + 1}: "
+                                   f"stopped before the update, so the weights and any checkpoint are "
+                                   f"those of earlier steps; try a lower --lr or a different --seed")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
