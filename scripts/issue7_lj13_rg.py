@@ -8,7 +8,8 @@ from digfast.property_model import train_property_model
 m = digfast.load("lj13"); s = m.system
 noisy = train_property_model(m, "rg", s.reference_data(), steps=1500, progress=None)
 rows = []
-for label, g in (("noisy predictor, std 0.02", Guidance(noisy, target=1.05, std=0.02)),
+for label, g in (("unguided", None),
+                 ("noisy predictor, std 0.02", Guidance(noisy, target=1.05, std=0.02)),
                  ("tweedie, std 0.02, weight signal", Guidance(rg, target=1.05, std=0.02, denoise=True, weight="signal"))):
     out = digfast.sample_batch(m, n=300, steps=50, sampler="dpm++2m", progress=False, guidance=g)
     v = rg(out.positions.double()); e = out.energies().double()
