@@ -19,28 +19,6 @@ import time
 import numpy as np
 
 
-def relax(positions: np.ndarray, steps: int, dt_fs: float, friction: float, seed: int) -> np.ndarray:
-    """positions (n, 22, 3) Angstrom -> the same structures after `steps` flexible Langevin steps."""
-    import openmm as mm
-    from openmm import unit
-
-    from digfast.systems import alanine as ala
-
-    _, system = ala.openmm_system(constraints=None)
-    integrator = mm.LangevinMiddleIntegrator(ala.TEMPERATURE_K * unit.kelvin, friction / unit.picosecond,
-                                             dt_fs * unit.femtosecond)
-    integrator.setRandomNumberSeed(seed + 1)
-    context = mm.Context(system, integrator, mm.Platform.getPlatformByName("Reference"))
-    out = np.empty_like(positions)
-    for k, frame in enumerate(positions):
-        context.setPositions(frame.astype(np.float64) * 0.1)  # nm
-        context.setVelocitiesToTemperature(ala.TEMPERATURE_K * unit.kelvin, seed * 1_000_003 + k)
-        integrator.step(steps)
-        state = context.getState(getPositions=True)
-        out[k] = state.getPositions(asNumpy=True).value_in_unit(unit.angstrom)
-    return out - out.mean(1, keepdims=True)
-
-
 def main(argv=None):
     from digfast.systems import alanine as ala
 
@@ -54,7 +32,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     train, _ = ala.training_split()
     start = time.perf_counter()
-    positions = relax(train.numpy()[:args.n], args.steps, args.dt_fs, args.friction, args.seed)
+    positions = ala.thermalise_bonds(train.numpy()[:args.n], args.steps, args.dt_fs, args.friction, args.seed)
     seconds = time.perf_counter() - start
     phi0, psi0 = ala.phi_psi(train.numpy()[:args.n])
     phi1, psi1 = ala.phi_psi(positions)

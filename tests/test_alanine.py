@@ -224,6 +224,33 @@ def test_reference_energies_match_energy_function(openmm_mod):
     assert np.abs(e - ref["energy_kT"][idx]).max() < 1e-2
 
 
+def test_thermalised_bonds_follow_the_flexible_force_field(openmm_mod):
+    """Constrained X-H bonds (exactly r0 in the reference) spread to their harmonic 300 K width
+    sqrt(kT / k) (OpenMM: E = k/2 (r - r0)^2); the conformation stays; a seed repeats."""
+    ref = ala.load_reference()["positions"]
+    frames = ref[np.linspace(0, len(ref) - 1, 60).astype(int)]
+    _, system = ala.openmm_system()
+    bonds = next(f for f in system.getForces() if isinstance(f, openmm_mod.HarmonicBondForce))
+    i, j, r0, k = bonds.getBondParameters(next(b for b in range(bonds.getNumBonds())
+                                               if 0 in bonds.getBondParameters(b)[:2]))  # HH31-CH3
+    r0, k = r0.value_in_unit(openmm_mod.unit.angstrom), k.value_in_unit(
+        openmm_mod.unit.kilojoule_per_mole / openmm_mod.unit.angstrom**2)
+    before = np.linalg.norm(frames[:, i] - frames[:, j], axis=-1)
+    assert np.abs(before - r0).max() < 1e-3  # constrained
+    out = ala.thermalise_bonds(frames, seed=3)
+    length = np.linalg.norm(out[:, i] - out[:, j], axis=-1)
+    width = np.sqrt(ala.KT_KJ_MOL / k)
+    # 60 draws: the sample std is within ~25% of the true one (chi-square, far beyond 3 sigma)
+    assert 0.7 * width < length.std() < 1.3 * width, (length.std(), width)
+    assert abs(length.mean() - r0) < 4 * width / np.sqrt(60)
+    phi0, _ = ala.phi_psi(frames.astype(np.float64))
+    phi1, _ = ala.phi_psi(out)
+    assert np.median(np.abs((phi1 - phi0 + 180) % 360 - 180)) < 20  # degrees
+    np.testing.assert_array_equal(ala.thermalise_bonds(frames[:3], seed=3), out[:3])
+    with pytest.raises(ValueError, match="positions"):
+        ala.thermalise_bonds(frames[:, :21])
+
+
 def test_chirality_canonicalise_and_broken_bonds(rng):
     system = ala.AlanineDipeptide()
     x = system.reference_samples(200, seed=int(torch.randint(0, 1000, (1,), generator=rng)))

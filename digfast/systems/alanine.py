@@ -317,6 +317,34 @@ def openmm_system(constraints: str | None = None):
     return prmtop.topology, system
 
 
+def thermalise_bonds(positions, steps: int = 200, dt_fs: float = 0.5, friction_per_ps: float = 50.0,
+                     seed: int = 0) -> np.ndarray:
+    """positions (n, 22, 3) Angstrom after `steps` of flexible-bond Langevin MD at 300 K each.
+
+    The shipped reference ran with X-H bonds constrained (fixed lengths) while this system's
+    energy has flexible bonds. Bond lengths and angles relax in tens of fs at this friction
+    (1/50 ps = 20 fs), torsions in ps to ns: 100 fs (the default) brings the stiff coordinates
+    to their flexible 300 K distribution and leaves the conformation where it was. Returned
+    centred (zero mean over atoms), float64."""
+    openmm = _require_openmm()
+    unit = openmm.unit
+    positions = np.asarray(positions, dtype=np.float64)
+    if positions.ndim != 3 or positions.shape[1:] != (N_ATOMS, 3) or not np.isfinite(positions).all():
+        raise ValueError(f"positions must be finite, (n, {N_ATOMS}, 3) Angstrom; got shape {positions.shape}")
+    _, system = openmm_system(constraints=None)
+    integrator = openmm.LangevinMiddleIntegrator(TEMPERATURE_K * unit.kelvin, friction_per_ps / unit.picosecond,
+                                                 dt_fs * unit.femtosecond)
+    integrator.setRandomNumberSeed(seed + 1)
+    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    out = np.empty_like(positions)
+    for k, frame in enumerate(positions):
+        context.setPositions(frame * 0.1)  # nm
+        context.setVelocitiesToTemperature(TEMPERATURE_K * unit.kelvin, seed * 1_000_003 + k + 1)
+        integrator.step(steps)
+        out[k] = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.angstrom)
+    return out - out.mean(1, keepdims=True)
+
+
 class AlanineDipeptide:
     """Alanine dipeptide in vacuum, Amber ff96, 300 K; positions in Angstrom, energies in kT.
 
