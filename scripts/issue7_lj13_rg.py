@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python scripts/issue7_lj13_rg.py   # writes bench/issue7/lj13_rg_std002.json
 """
-import json, torch, digfast
+import json, digfast
 from digfast.guidance import Guidance, radius_of_gyration as rg
 from digfast.property_model import train_property_model
 m = digfast.load("lj13"); s = m.system
