@@ -30,11 +30,11 @@ def main(argv=None):
     ap.add_argument("-n", type=int, default=None, help="first n training structures (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    train, _ = ala.training_split()
+    train = ala.training_split()[0].numpy()[:args.n]
     start = time.perf_counter()
-    positions = ala.thermalise_bonds(train.numpy()[:args.n], args.steps, args.dt_fs, args.friction, args.seed)
+    positions = ala.thermalise_bonds(train, args.steps, args.dt_fs, args.friction, args.seed)
     seconds = time.perf_counter() - start
-    phi0, psi0 = ala.phi_psi(train.numpy()[:args.n])
+    phi0, psi0 = ala.phi_psi(train)
     phi1, psi1 = ala.phi_psi(positions)
     moved = np.abs((np.concatenate([phi1 - phi0, psi1 - psi0]) + 180) % 360 - 180)
     summary = {"source": "training split of the shipped reference (HBonds-constrained MD)", "n": len(positions),

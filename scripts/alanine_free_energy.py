@@ -2,14 +2,15 @@
 
 Samples a model (default: the shipped one) with the fourth-order ODE sampler (its samples follow
 the density the likelihood computes; a few-step solver's would not), computes each sample's
-log p (probability-flow ODE, exact divergence, dopri5) and OpenMM energy (flexible bonds), reweights by exp(-E/kT - log p) and compares dF between phi/psi basins with
+log p (probability-flow ODE, exact divergence, dopri5) and OpenMM energy (flexible bonds),
+reweights by exp(-E/kT - log p) and compares dF between phi/psi basins with
 the shipped long-MD reference (all weighted frames; error by block bootstrap over time).
 Work is saved chunk by chunk (--out .npz), so an interrupted run can be analysed
 (--analyse-only) and resumed.
 
     OMP_NUM_THREADS=1 python scripts/alanine_free_energy.py -n 1500 --out bench/alanine_fe.npz
-    OMP_NUM_THREADS=1 python scripts/alanine_free_energy.py --model alanine-dipeptide-flex -n 300 \
-        --out bench/alanine_fe_flex.npz
+    OMP_NUM_THREADS=1 python scripts/alanine_free_energy.py --model runs/ala_flex -n 150 \
+        --out runs/fe_flex_rk4.npz   # a model folder, e.g. one fine-tuned on alanine_flexible_data.py
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def run_chunks(args, store: dict):
                                          seed=args.seed + done)
             log_p[keep] = lik.log_prob.numpy()
             if len(out.positions) == k:  # no sample dropped: ids done..done+k-1 started from these draws
-                z = prior_sample(model.schedule, args.seed, torch.arange(done, done + k), 22, 3)[torch.from_numpy(keep)]
+                z = prior_sample(model.schedule, args.seed, torch.arange(done, done + k), model.system.n_atoms,
+                                 model.system.spatial_dim)[torch.from_numpy(keep)]
                 # canonicalised (inverted) samples encode to -z
                 gap = (torch.minimum((lik.latent.float() - z).norm(dim=(1, 2)), (lik.latent.float() + z).norm(dim=(1, 2)))
                        / z.norm(dim=(1, 2))).median()
