@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--candidates", type=int, default=None, help="PIDP candidate structures (default: the recipe's)")
     tr.add_argument("--prior-width", type=float, default=None,
                     help="learn the score's difference from one built from the energy, whose wells have this "
-                         "width in normalised units (e.g. 0.1; particle systems); default: no prior")
+                         "width in normalised units (e.g. 0.1); default: no prior")
     tr.add_argument("--prior-cap", type=float, default=100.0, help="cap on each atom's energy score (normalised units)")
     tr.add_argument("--prior-onset", type=float, default=0.0,
                     help="> 0: the network's share of the score vanishes at t = 0, switching on near this sigma")

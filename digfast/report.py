@@ -26,7 +26,7 @@ def wasserstein1(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def energies_or_none(system, positions) -> torch.Tensor | None:
-    """The system's energies, or None where its energy needs a package that is missing (OpenMM)."""
+    """The system's energies, or None where its energy needs a package that is missing."""
     try:
         return system.energy(positions)
     except ImportError as err:
@@ -61,7 +61,7 @@ def format_report(rep: dict) -> str:
         e = rep["energy"]
         lines.append(f"  energy (kT)        mean {e['mean']:.3f}  median {e['median']:.3f}  std {e['std']:.3f}")
     else:
-        lines.append("  energy             not computed (the system's energy needs OpenMM: pip install openmm)")
+        lines.append("  energy             not computed (the system's energy needs a package that is missing)")
     if "reference_energy" in rep:
         r = rep["reference_energy"]
         lines.append(f"  reference energy   mean {r['mean']:.3f}  median {r['median']:.3f}  std {r['std']:.3f}  "

@@ -2,7 +2,7 @@
 
 Samples a model (default: the shipped one) with the fourth-order ODE sampler (its samples follow
 the density the likelihood computes; a few-step solver's would not), computes each sample's
-log p (probability-flow ODE, exact divergence, dopri5) and OpenMM energy (flexible bonds),
+log p (probability-flow ODE, exact divergence, dopri5) and energy (flexible bonds, torch Amber),
 reweights by exp(-E/kT - log p) and compares dF between phi/psi basins with
 the shipped long-MD reference (all weighted frames; error by block bootstrap over time).
 Work is saved chunk by chunk (--out .npz), so an interrupted run can be analysed
@@ -64,7 +64,7 @@ def run_chunks(args, store: dict):
         t0 = time.time()
         out = digfast.sample_batch(model, n=k, steps=args.steps, sampler=args.sampler, seed=args.seed,
                                    first_sample_id=done, t_min=args.t_min, progress=False)
-        energy = model.system.energy(out.positions).numpy()
+        energy = model.system.energy(out.positions.double()).numpy()
         # strained samples (E > max_energy, ~60 kT above the median) carry Boltzmann factors
         # < e^-60 that no plausible log p (spread ~40 nats) lifts: weight 0, no ODE solve (their
         # stiff dynamics would set dopri5's step for the whole batch)

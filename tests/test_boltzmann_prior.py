@@ -8,7 +8,7 @@ from digfast.models.boltzmann_prior import base_noise, capped
 from digfast.models.score_model import ScoreModel
 from digfast.ops.sampler_step import remove_com
 from digfast.schedules import LinearVP
-from digfast.systems import DoubleWell4, LennardJones13, get_system
+from digfast.systems import DoubleWell4, LennardJones13
 from digfast.training.pidp import fokker_planck_residual, network_score, time_derivative
 
 SCALE = 1.8
@@ -134,8 +134,11 @@ def test_prior_round_trips_and_checks_its_input(tmp_path):
     with pytest.raises(ValueError, match="width"):
         _model(width=-1.0)
     net = Graphormer3D(Graphormer3DConfig(layers=1, width=16, heads=2, ffn=16, gaussians=8, n_atom_types=4))
+    class OutsideEnergy(DoubleWell4):  # e.g. a user's system whose energy comes from another engine
+        torch_energy = False
+
     with pytest.raises(ValueError, match="torch"):
-        ScoreModel(net, LinearVP(), get_system("alanine-dipeptide"), prior={"name": "boltzmann", "width": 0.1})
+        ScoreModel(net, LinearVP(), OutsideEnergy(), prior={"name": "boltzmann", "width": 0.1})
     with pytest.raises(ValueError, match="prior must be"):
         ScoreModel(net, LinearVP(), DoubleWell4(), prior={"name": "harmonic"})
     config = model.config()

@@ -6,8 +6,10 @@ openmmtools/data/alanine-dipeptide-gbsa/ (copied, unchanged, to ``data/``; see
 and no implicit solvent: the prmtop's GB radii are only used when ``implicitSolvent`` is
 passed, so this is the vacuum potential.
 
-This module needs only numpy/torch (mdtraj for the topology); OpenMM is imported lazily, by
-:meth:`AlanineDipeptide.energy` and :meth:`AlanineDipeptide.force` alone.
+This module needs only numpy/torch (mdtraj for the topology): the energy is the prmtop's,
+evaluated in torch (:mod:`digfast.systems.amber`, differentiable, so the energy-built prior,
+force targets and PIDP work). OpenMM is imported lazily, by :meth:`AlanineDipeptide.openmm_energy`
+(the cross-check), :func:`openmm_system` and :func:`thermalise_bonds` alone.
 
 Conventions
 -----------
@@ -358,7 +360,6 @@ class AlanineDipeptide:
     length_unit_nm = 0.1
     temperature = TEMPERATURE_K
     kT_kj_mol = KT_KJ_MOL
-    torch_energy = False  # OpenMM's: no autograd through it (no Boltzmann prior, no PIDP)
     elements = ELEMENTS
 
     def __init__(self):
@@ -366,6 +367,7 @@ class AlanineDipeptide:
         self.bonds = torch.tensor(BONDS, dtype=torch.long)
         self._topology = None
         self._context = None
+        self._amber = None
 
     def __getstate__(self):  # copies and pickles rebuild the OpenMM context lazily
         return {**self.__dict__, "_context": None}
@@ -457,16 +459,34 @@ class AlanineDipeptide:
         return energies, grads
 
     def energy(self, x) -> torch.Tensor:
-        """Potential energy in kT at 300 K of structures (B, 22, 3) in Angstrom, float64.
+        """Potential energy in kT at 300 K of structures (B, 22, 3) in Angstrom, in x's dtype
+        (pass float64 for 1e-6 kT agreement with OpenMM), differentiable in x.
 
-        All bonds flexible (full ff96 energy, NoCutoff, vacuum); not differentiable through
-        torch (use :meth:`force`). Needs OpenMM.
+        All bonds flexible (full ff96 energy, NoCutoff, vacuum), the same function as
+        :meth:`openmm_energy` (tests/test_amber.py).
         """
+        x = torch.as_tensor(x)
+        self._check(x)
+        if self._amber is None:
+            from digfast.systems.amber import AmberEnergy
+
+            self._amber = AmberEnergy(PRMTOP_PATH)
+        return self._amber.to(x.device)(x) / self.kT_kj_mol
+
+    def force(self, x) -> torch.Tensor:
+        """-grad energy in kT per Angstrom, (B, 22, 3), x's dtype."""
+        with torch.enable_grad():
+            x = torch.as_tensor(x).detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.energy(x).sum(), x)
+        return -g
+
+    def openmm_energy(self, x) -> torch.Tensor:
+        """:meth:`energy` computed by OpenMM's Reference platform, float64 (needs OpenMM)."""
         e, _ = self._evaluate(x, forces=False)
         return torch.from_numpy(e / self.kT_kj_mol)
 
-    def force(self, x) -> torch.Tensor:
-        """-grad energy in kT per Angstrom, (B, 22, 3) float64. Needs OpenMM."""
+    def openmm_force(self, x) -> torch.Tensor:
+        """:meth:`force` computed by OpenMM, float64 (needs OpenMM)."""
         _, f = self._evaluate(x, forces=True)
         return torch.from_numpy(f * self.length_unit_nm / self.kT_kj_mol)
 

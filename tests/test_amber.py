@@ -1,0 +1,91 @@
+"""The torch Amber energy (digfast.systems.amber) against OpenMM, term by term, and its
+derivatives (first and second order: the energy-built prior and PIDP differentiate forces)."""
+import numpy as np
+import pytest
+import torch
+
+from digfast.systems import alanine as ala
+from digfast.systems.amber import AmberEnergy, dihedral_angle, read_prmtop
+
+# OpenMM force class -> AmberEnergy.terms key(s)
+TERMS = {"HarmonicBondForce": ("bond",), "HarmonicAngleForce": ("angle",),
+         "PeriodicTorsionForce": ("dihedral",), "NonbondedForce": ("lennard_jones", "coulomb")}
+
+
+@pytest.fixture(scope="module")
+def energy():
+    return AmberEnergy(ala.PRMTOP_PATH)
+
+
+def perturbed_reference(n, seed, scale=0.05):
+    """Reference structures with every atom moved (bonds off r0, no two structures alike)."""
+    g = torch.Generator().manual_seed(seed)
+    x = ala.AlanineDipeptide().reference_samples(n, seed=seed).double()
+    return x + scale * torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+
+def test_prmtop_sections_and_topology(energy):
+    p = read_prmtop(ala.PRMTOP_PATH)
+    assert p["POINTERS"][0] == 22 and len(p["CHARGE"]) == 22 and p["ATOM_NAME"][:2] == ["HH31", "CH3"]
+    assert abs(sum(p["CHARGE"])) < 1e-3  # a neutral molecule (charges are scaled by 18.2223)
+    assert sorted(map(tuple, energy.bond_idx.sort(1)[0].tolist())) == sorted(ala.BONDS)
+    # every pair is bonded-excluded, 1-4 or nonbonded, exactly once
+    pairs = {tuple(p) for p in energy.pair_idx.tolist()}
+    pairs14 = {tuple(p) for p in energy.pair14_idx.tolist()}
+    assert not pairs & pairs14 and len(pairs) + len(pairs14) + 21 + 36 == 22 * 21 // 2
+
+
+def test_dihedral_matches_phi_psi():
+    x = perturbed_reference(16, seed=int(np.random.SeedSequence().entropy % 2**31))
+    for atoms, ref in zip((ala.PHI_ATOMS, ala.PSI_ATOMS), ala.phi_psi(x.numpy())):
+        got = np.degrees(dihedral_angle(*(x[:, i] for i in atoms)).numpy())
+        assert np.abs((got - ref + 180) % 360 - 180).max() < 1e-9
+
+
+def test_terms_match_openmm(energy):
+    openmm = pytest.importorskip("openmm")
+    import openmm.app  # noqa: F401
+
+    _, system = ala.openmm_system(constraints=None)
+    names = {}
+    for group, force in enumerate(system.getForces()):
+        force.setForceGroup(group)
+        names[group] = type(force).__name__
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    x = perturbed_reference(8, seed=int(np.random.SeedSequence().entropy % 2**31))
+    terms = energy.terms(x)
+    for b in range(len(x)):
+        ctx.setPositions(x[b].numpy() * 0.1)
+        for group, name in names.items():
+            if name not in TERMS:
+                continue
+            ref = ctx.getState(getEnergy=True, groups={group}).getPotentialEnergy()._value
+            got = float(sum(terms[k][b] for k in TERMS[name]))
+            assert got == pytest.approx(ref, rel=1e-6, abs=1e-5), (name, b)
+
+
+def test_energy_and_force_match_openmm():
+    pytest.importorskip("openmm")
+    s = ala.AlanineDipeptide()
+    x = perturbed_reference(6, seed=int(np.random.SeedSequence().entropy % 2**31))
+    assert torch.allclose(s.energy(x), s.openmm_energy(x), rtol=0, atol=1e-3)
+    f, f_ref = s.force(x), s.openmm_force(x)
+    assert f.dtype == torch.float64 and (f - f_ref).abs().max() < 1e-5 * f_ref.abs().max()
+
+
+def test_float32_energy_is_close_and_graph_follows_dtype(energy):
+    x = perturbed_reference(4, seed=5)
+    e64, e32 = energy(x), energy(x.float())
+    assert e32.dtype == torch.float32 and (e32.double() - e64).abs().max() < 1e-3  # kJ/mol
+
+
+def test_second_order_derivatives(energy):
+    """gradgradcheck: PIDP and the prior differentiate the force again."""
+    x = perturbed_reference(1, seed=11, scale=0.02).requires_grad_(True)
+    assert torch.autograd.gradcheck(energy, (x,))
+    assert torch.autograd.gradgradcheck(energy, (x,))
+
+
+def test_alanine_energy_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="expected"):
+        ala.AlanineDipeptide().energy(torch.randn(3, 21, 3))
