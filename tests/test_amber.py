@@ -1,5 +1,7 @@
 """The torch Amber energy (digfast.systems.amber) against OpenMM, term by term, and its
 derivatives (first and second order: the energy-built prior and PIDP differentiate forces)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,18 @@ def test_dihedral_matches_phi_psi():
     for atoms, ref in zip((ala.PHI_ATOMS, ala.PSI_ATOMS), ala.phi_psi(x.numpy())):
         got = np.degrees(dihedral_angle(*(x[:, i] for i in atoms)).numpy())
         assert np.abs((got - ref + 180) % 360 - 180).max() < 1e-9
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "alanine_openmm_terms.npz"
+
+
+def test_terms_match_saved_openmm_terms(energy):
+    """Without OpenMM: against its terms saved by scripts/alanine_openmm_terms.py."""
+    saved = np.load(FIXTURE)
+    terms = energy.terms(torch.from_numpy(saved["positions"]))
+    for k, name in enumerate(saved["forces"]):
+        got = sum(terms[key] for key in TERMS[str(name)]).numpy()
+        np.testing.assert_allclose(got, saved["terms_kj_mol"][:, k], rtol=1e-6, atol=1e-5, err_msg=str(name))
 
 
 def test_terms_match_openmm(energy):
