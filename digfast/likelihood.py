@@ -15,7 +15,10 @@ Two ways to get Jacobian-vector products:
     one primal, or the primal repeated K times along the batch and one backward pass.
 "auto" takes forward-mode exact up to AUTO_EXACT_MAX_COORDS coordinates, forward-mode
 Hutchinson above, and the reverse-mode twin if the score function has no forward mode.
-Integration is fixed-step (euler, heun, rk4) or adaptive Dormand-Prince 5(4).
+Integration is fixed-step (euler, heun, rk4) or adaptive Dormand-Prince 5(4) with a step size
+per structure: each structure's path, and so its log p, does not depend on the others in its
+batch, and a stiff one does not slow the rest (each step evaluates the structures still short
+of the end only).
 """
 from __future__ import annotations
 
@@ -76,34 +79,44 @@ class _Drift:
         self.fallback = fallback  # reverse-mode twin if the first forward-mode call fails
         self.n_evals = 0
 
-    def _score(self, x, t):
+    # Every method takes t as a number (all structures at one time) or a (b,) tensor (each its
+    # own), and rows: None (the whole batch) or the batch rows x holds (adaptive steps advance
+    # a subset), which picks their mask and probes.
+
+    def _score(self, x, t, rows=None):
         self.n_evals += 1
-        tt = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
-        mask = self._mask_for(x)
+        tt = _times_of(t, x.shape[0], x)
+        mask = self._mask_for(x, rows)
         return remove_com(self.score_fn(x, tt, mask).to(x.dtype), mask)
 
-    def _mask_for(self, x):
-        if self.mask is None or x.shape[0] == self.mask.shape[0]:
-            return self.mask
-        return self.mask.repeat(x.shape[0] // self.mask.shape[0], 1)
+    def _mask_for(self, x, rows=None):
+        mask = self.mask if self.mask is None or rows is None else self.mask[rows]
+        if mask is None or x.shape[0] == mask.shape[0]:
+            return mask
+        return mask.repeat(x.shape[0] // mask.shape[0], 1)
 
-    def velocity(self, x, t):
-        f, g2 = float(self.schedule.drift_coef(t)), float(self.schedule.diffusion2(t))
-        return f * x - 0.5 * g2 * self._score(x, t)
+    def _coefficients(self, x, t):
+        """f(t), g(t)^2 as (b,) tensors."""
+        tt = _times_of(t, x.shape[0], x).double()
+        return (self.schedule.drift_coef(tt).to(x.dtype), self.schedule.diffusion2(tt).to(x.dtype))
 
-    def __call__(self, x, t):
+    def velocity(self, x, t, rows=None):
+        f, g2 = self._coefficients(x, t)
+        return f[:, None, None] * x - 0.5 * g2[:, None, None] * self._score(x, t, rows)
+
+    def __call__(self, x, t, rows=None):
         """(dx/dt, d logdet/dt) at time t."""
-        f, g2 = float(self.schedule.drift_coef(t)), float(self.schedule.diffusion2(t))
-        s, div = self.divergence_at(x, t)
-        v = f * x - 0.5 * g2 * s.detach()
-        return v, dof(x, self.mask) * f - 0.5 * g2 * div.detach()
+        f, g2 = self._coefficients(x, t)
+        s, div = self.divergence_at(x, t, rows)
+        v = f[:, None, None] * x - 0.5 * g2[:, None, None] * s.detach()
+        return v, dof(x, self._mask_for(x, rows)) * f - 0.5 * g2 * div.detach()
 
-    def divergence_at(self, x, t):
+    def divergence_at(self, x, t, rows=None):
         """(s, div s) at (x, t) by this drift's method."""
         if self.fallback is not None:  # "auto": forward mode unless the score function lacks it
             evals = self.n_evals
             try:
-                out = self._by_method(x, t)
+                out = self._by_method(x, t, rows)
             except (NotImplementedError, RuntimeError) as err:
                 self.n_evals = evals  # the failed call is not an evaluation
                 log.warning("digfast: the score function has no forward mode (%s: %s); "
@@ -113,19 +126,22 @@ class _Drift:
             self.fallback = None
             if self.divergence.endswith("forward"):
                 return out
-        return self._by_method(x, t)
+        return self._by_method(x, t, rows)
 
-    def _by_method(self, x, t):
+    def _probes_for(self, rows):
+        return self.probes if rows is None else self.probes[:, rows]
+
+    def _by_method(self, x, t, rows=None):
         if self.divergence == "exact-forward":
-            return self._forward(x, t, coordinate_directions(x))
+            return self._forward(x, t, coordinate_directions(x), rows)
         if self.divergence == "hutchinson-forward":
-            return self._forward(x, t, self.probes)
+            return self._forward(x, t, self._probes_for(rows), rows)
         with torch.enable_grad():
             if self.divergence == "exact":
-                return self._exact(x, t)
-            return self._hutchinson(x, t)
+                return self._exact(x, t, rows)
+            return self._hutchinson(x, t, rows)
 
-    def _forward(self, x, t, tangents):
+    def _forward(self, x, t, tangents, rows=None):
         """Forward mode: s(x) and sum over tangents v of v . (J v), averaged over the K probes
         or summed over the coordinate directions (whose v . J v are the diagonal entries)."""
         x = x.detach()
@@ -135,22 +151,22 @@ class _Drift:
         step = max(1, FORWARD_PAIR_BUDGET // (x.shape[0] * x.shape[1] ** 2))
         for lo in range(0, count, step):
             chunk = tangents[lo:lo + step]
-            s, jv = self.jvps(x, t, chunk)
+            s, jv = self.jvps(x, t, chunk, rows)
             total = total + (chunk * jv).sum(dim=(0, 2, 3))
         exact = self.divergence == "exact-forward"
         return s, total if exact else total / count
 
-    def jvps(self, x, t, tangents):
+    def jvps(self, x, t, tangents, rows=None):
         """s(x) (B, N, d) and J v for each v of tangents (T, B, N, d): one primal evaluation,
         the T tangents batched through it by vmap."""
         with torch.enable_grad():  # forward AD needs grad mode on (the ODE runs in no_grad)
             def one(v):
-                return torch.func.jvp(lambda y: self._score(y, t), (x,), (v,))
+                return torch.func.jvp(lambda y: self._score(y, t, rows), (x,), (v,))
             return torch.func.vmap(one, out_dims=(None, 0))(tangents)
 
-    def _exact(self, x, t):
+    def _exact(self, x, t, rows=None):
         x = x.detach().requires_grad_(True)
-        s = self._score(x, t)
+        s = self._score(x, t, rows)
         flat = s.reshape(x.shape[0], -1)
         div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for j in range(flat.shape[1]):
@@ -158,14 +174,23 @@ class _Drift:
             div = div + g.reshape(x.shape[0], -1)[:, j]
         return s, div
 
-    def _hutchinson(self, x, t):
-        k, b = self.probes.shape[0], x.shape[0]
+    def _hutchinson(self, x, t, rows=None):
+        probes = self._probes_for(rows)
+        k, b = probes.shape[0], x.shape[0]
         xk = x.detach().repeat(k, 1, 1).requires_grad_(True)  # probe-major: row p*B + i
-        eps = self.probes.reshape(k * b, *x.shape[1:])
-        s = self._score(xk, t)
+        eps = probes.reshape(k * b, *x.shape[1:])
+        s = self._score(xk, t, rows)
         (g,) = torch.autograd.grad((s * eps).sum(), xk)
         div = (g * eps).sum(dim=(1, 2)).reshape(k, b).mean(0)
         return s[:b], div
+
+
+def _times_of(t, n: int, like: torch.Tensor) -> torch.Tensor:
+    """(n,) times in like's dtype from a number or a (b,) tensor (repeated to n rows: the
+    probe-major batches of Hutchinson stack the b structures n / b times)."""
+    if torch.is_tensor(t) and t.dim() == 1:
+        return t.to(dtype=like.dtype, device=like.device).repeat(n // t.shape[0])
+    return torch.full((n,), float(t), dtype=like.dtype, device=like.device)
 
 
 def coordinate_directions(x: torch.Tensor) -> torch.Tensor:
@@ -247,45 +272,68 @@ _DP_B4 = [5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 210
 
 
 def _rk_stages(rhs, y, t, h, c, A):
-    """Stage derivatives of an explicit RK step on the state tuple y."""
+    """Stage derivatives of an explicit RK step on the state tuple y (t, h: numbers or (b,))."""
     ks = []
     for ci, row in zip(c, A):
-        yi = tuple(yj + h * sum(a * k[j] for a, k in zip(row, ks)) if row else yj for j, yj in enumerate(y))
+        yi = tuple(yj + _per_row(h, yj) * sum(a * k[j] for a, k in zip(row, ks)) if row else yj
+                   for j, yj in enumerate(y))
         ks.append(rhs(yi, t + ci * h))
     return ks
 
 
 def _combine(y, h, ks, weights):
-    return tuple(yj + h * sum(w * k[j] for w, k in zip(weights, ks) if w) for j, yj in enumerate(y))
+    return tuple(yj + _per_row(h, yj) * sum(w * k[j] for w, k in zip(weights, ks) if w) for j, yj in enumerate(y))
+
+
+def _per_row(h, like: torch.Tensor):
+    """A step size broadcast over like's rows: a number as is, a (b,) tensor as (b, 1, ...)."""
+    if not torch.is_tensor(h):
+        return h
+    return h.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def integrate(rhs, y, t0: float, t1: float, *, method: str = "rk4", steps: int = 100,
               rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 100_000):
-    """Integrate dy/dt = rhs(y, t) for a tuple of tensors y from t0 to t1 (either direction)."""
+    """Integrate dy/dt = rhs(y, t, rows) for a tuple of tensors y (batch first) from t0 to t1
+    (either direction). Fixed-step methods call rhs with a number t and rows None; dopri5
+    with a (b,) tensor t, each row's own, and the indices of the rows y holds."""
     if method in _TABLEAUX:
         c, A, b = _TABLEAUX[method]
         h = (t1 - t0) / steps
         for k in range(steps):
-            y = _combine(y, h, _rk_stages(rhs, y, t0 + k * h, h, c, A), b)
+            y = _combine(y, h, _rk_stages(lambda yi, ti: rhs(yi, ti, None), y, t0 + k * h, h, c, A), b)
         return y
     if method != "dopri5":
         raise ValueError(f"unknown method {method!r}; known: {sorted(_TABLEAUX) + ['dopri5']}")
-    t, h = t0, (t1 - t0) / 100
+    return _dopri5(rhs, y, t0, t1, rtol, atol, max_steps)
+
+
+def _dopri5(rhs, y, t0: float, t1: float, rtol: float, atol: float, max_steps: int):
+    """Dormand-Prince 5(4), a time and step size per row: a row's error alone decides its steps."""
+    b, device = y[0].shape[0], y[0].device
     direction = 1.0 if t1 > t0 else -1.0
+    t = torch.full((b,), float(t0), dtype=torch.float64, device=device)
+    h = torch.full((b,), (t1 - t0) / 100, dtype=torch.float64, device=device)
+    y = tuple(v.clone() for v in y)
     for _ in range(max_steps):
-        if (t1 - t) * direction <= 1e-12:
+        rows = ((t1 - t) * direction > 1e-12).nonzero().flatten()
+        if len(rows) == 0:
             return y
-        h = direction * min(abs(h), abs(t1 - t))
-        ks = _rk_stages(rhs, y, t, h, _DP_C, _DP_A)
-        y5, y4 = _combine(y, h, ks, _DP_B5), _combine(y, h, ks, _DP_B4)
-        # error norm: RMS over each sample's coordinates, worst sample decides
-        err = max(float(((a - b_) / (atol + rtol * torch.maximum(a.abs(), y0.abs()))).pow(2)
-                        .reshape(a.shape[0], -1).mean(1).sqrt().max())
-                  for a, b_, y0 in zip(y5, y4, y) if a.numel())
-        if err <= 1.0:
-            t, y = t + h, y5
-        h = h * min(5.0, max(0.2, 0.9 * (err if err > 0 else 1e-10) ** -0.2))
-    raise RuntimeError(f"dopri5 did not reach t={t1} in {max_steps} steps (at t={t})")
+        tr = t[rows]
+        hr = direction * torch.minimum(h[rows].abs(), (t1 - tr).abs())
+        yr = tuple(v[rows] for v in y)
+        ks = _rk_stages(lambda yi, ti: rhs(yi, ti, rows), yr, tr, hr, _DP_C, _DP_A)
+        y5, y4 = _combine(yr, hr, ks, _DP_B5), _combine(yr, hr, ks, _DP_B4)
+        # error norm: RMS over each row's entries, the worst of the state's tensors
+        err = torch.stack([((a - b_) / (atol + rtol * torch.maximum(a.abs(), y0.abs()))).pow(2)
+                           .reshape(a.shape[0], -1).mean(1).sqrt().double()
+                           for a, b_, y0 in zip(y5, y4, yr) if a[0].numel()]).amax(0)
+        ok = err <= 1.0
+        t[rows[ok]] = (tr + hr)[ok]
+        for v, new in zip(y, y5):
+            v[rows[ok]] = new[ok]
+        h[rows] = hr * (0.9 * err.clamp(min=1e-10) ** -0.2).clamp(0.2, 5.0)
+    raise RuntimeError(f"dopri5 did not reach t={t1} in {max_steps} steps (at t={float(t.min())}..{float(t.max())})")
 
 
 def _check(x, mask):
@@ -320,7 +368,7 @@ def log_likelihood(score_fn: ScoreFn, schedule: Schedule, x0: torch.Tensor, *, m
     fallback = chosen.removesuffix("-forward") if divergence == "auto" and chosen.endswith("-forward") else None
     drift = _Drift(score_fn, schedule, mask, chosen, eps, fallback)
     acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    xT, acc = integrate(lambda y, t: drift(y[0], t), (x, acc), t_min, schedule.t_max,
+    xT, acc = integrate(lambda y, t, rows: drift(y[0], t, rows), (x, acc), t_min, schedule.t_max,
                         method=method, steps=steps, rtol=rtol, atol=atol)
     prior = (prior_log_prob(xT) if prior_log_prob is not None
              else gaussian_prior_log_prob(xT, schedule.prior_std, mask))
@@ -333,6 +381,6 @@ def ode_map(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, t_from: floa
     _check(x, mask)
     drift = _Drift(score_fn, schedule, mask, "exact", None)
     with torch.no_grad():
-        (out,) = integrate(lambda y, t: (drift.velocity(y[0], t),), (remove_com(x, mask),), t_from, t_to,
+        (out,) = integrate(lambda y, t, rows: (drift.velocity(y[0], t, rows),), (remove_com(x, mask),), t_from, t_to,
                            method=method, steps=steps, rtol=rtol, atol=atol)
     return out

@@ -187,3 +187,33 @@ def test_forward_exact_in_chunks_equals_one_chunk(rng, graphormer, monkeypatch):
     _, got = chunked.divergence_at(x, 0.6)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     assert (whole.n_evals, chunked.n_evals) == (1, 4)
+
+
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson", "exact-forward", "hutchinson-forward"])
+def test_adaptive_log_p_does_not_depend_on_the_batch(rng, divergence):
+    """dopri5 steps each structure by its own error: in a padded batch, each log p and the work
+    done on it are what that structure gets alone (the batch makes as many calls as its
+    slowest structure, and evaluates each structure only as often as it needs)."""
+    x, mask = _inputs(rng, 3, 6, masked=True)
+    x[2] *= 2.5  # a structure with other dynamics than the rest
+    w = 0.5 + torch.rand(6, 3, generator=rng, dtype=torch.float64)
+    rows = []
+
+    def score(y, t, m=None):  # smooth and nonlinear, coupled within each atom, zero on padding
+        rows.append(y.shape[0])
+        s = -y * w * (1.0 + 0.5 * torch.tanh(y.sum(-1, keepdim=True) + t[:, None, None]))
+        return s if m is None else s * m[..., None]
+
+    def run(idx):
+        rows.clear()
+        res = log_likelihood(score, LinearVP(), x[idx], mask=mask[idx], divergence=divergence, probes=3,
+                             seed=7, sample_ids=torch.as_tensor(idx), method="dopri5", rtol=1e-6, atol=1e-6)
+        return res, sum(rows)
+
+    batch, batch_rows = run([0, 1, 2])
+    alone = [run([i]) for i in range(3)]
+    torch.testing.assert_close(batch.log_prob, torch.cat([r.log_prob for r, _ in alone]), rtol=0, atol=1e-9)
+    torch.testing.assert_close(batch.latent, torch.cat([r.latent for r, _ in alone]), rtol=0, atol=1e-9)
+    assert batch.n_evals == max(r.n_evals for r, _ in alone)
+    assert batch_rows == sum(n for _, n in alone)
+    assert len({r.n_evals for r, _ in alone}) > 1, "the structures should need different numbers of steps"
