@@ -293,10 +293,11 @@ def _per_row(h, like: torch.Tensor):
 
 
 def integrate(rhs, y, t0: float, t1: float, *, method: str = "rk4", steps: int = 100,
-              rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 100_000):
+              rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 100_000, relative=None):
     """Integrate dy/dt = rhs(y, t, rows) for a tuple of tensors y (batch first) from t0 to t1
     (either direction). Fixed-step methods call rhs with a number t and rows None; dopri5
-    with a (b,) tensor t, each row's own, and the indices of the rows y holds."""
+    with a (b,) tensor t, each row's own, and the indices of the rows y holds. relative: per
+    tensor of y, whether dopri5's tolerance is atol + rtol |y| (default) or atol alone."""
     if method in _TABLEAUX:
         c, A, b = _TABLEAUX[method]
         h = (t1 - t0) / steps
@@ -305,10 +306,10 @@ def integrate(rhs, y, t0: float, t1: float, *, method: str = "rk4", steps: int =
         return y
     if method != "dopri5":
         raise ValueError(f"unknown method {method!r}; known: {sorted(_TABLEAUX) + ['dopri5']}")
-    return _dopri5(rhs, y, t0, t1, rtol, atol, max_steps)
+    return _dopri5(rhs, y, t0, t1, rtol, atol, max_steps, relative or (True,) * len(y))
 
 
-def _dopri5(rhs, y, t0: float, t1: float, rtol: float, atol: float, max_steps: int):
+def _dopri5(rhs, y, t0: float, t1: float, rtol: float, atol: float, max_steps: int, relative):
     """Dormand-Prince 5(4), a time and step size per row: a row's error alone decides its steps."""
     b, device = y[0].shape[0], y[0].device
     direction = 1.0 if t1 > t0 else -1.0
@@ -325,9 +326,9 @@ def _dopri5(rhs, y, t0: float, t1: float, rtol: float, atol: float, max_steps: i
         ks = _rk_stages(lambda yi, ti: rhs(yi, ti, rows), yr, tr, hr, _DP_C, _DP_A)
         y5, y4 = _combine(yr, hr, ks, _DP_B5), _combine(yr, hr, ks, _DP_B4)
         # error norm: RMS over each row's entries, the worst of the state's tensors
-        err = torch.stack([((a - b_) / (atol + rtol * torch.maximum(a.abs(), y0.abs()))).pow(2)
+        err = torch.stack([((a - b_) / (atol + rel * rtol * torch.maximum(a.abs(), y0.abs()))).pow(2)
                            .reshape(a.shape[0], -1).mean(1).sqrt().double()
-                           for a, b_, y0 in zip(y5, y4, yr) if a[0].numel()]).amax(0)
+                           for a, b_, y0, rel in zip(y5, y4, yr, relative) if a[0].numel()]).amax(0)
         ok = err <= 1.0
         t[rows[ok]] = (tr + hr)[ok]
         for v, new in zip(y, y5):
@@ -368,8 +369,9 @@ def log_likelihood(score_fn: ScoreFn, schedule: Schedule, x0: torch.Tensor, *, m
     fallback = chosen.removesuffix("-forward") if divergence == "auto" and chosen.endswith("-forward") else None
     drift = _Drift(score_fn, schedule, mask, chosen, eps, fallback)
     acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    # log p's error counts in nats whatever its size (a weight is exp(log p)): atol alone
     xT, acc = integrate(lambda y, t, rows: drift(y[0], t, rows), (x, acc), t_min, schedule.t_max,
-                        method=method, steps=steps, rtol=rtol, atol=atol)
+                        method=method, steps=steps, rtol=rtol, atol=atol, relative=(True, False))
     prior = (prior_log_prob(xT) if prior_log_prob is not None
              else gaussian_prior_log_prob(xT, schedule.prior_std, mask))
     return LikelihoodResult(log_prob=prior + acc, latent=xT, prior_log_prob=prior, n_evals=drift.n_evals)
