@@ -1,16 +1,19 @@
 """Free-energy differences between alanine dipeptide basins from reweighted model samples.
 
-Samples a model (default: the shipped one) with the fourth-order ODE sampler (its samples follow
-the density the likelihood computes; a few-step solver's would not), computes each sample's
+Samples a model (default: the shipped alanine-dipeptide-flexible, trained on thermalised X-H
+bonds, as the flexible-bond energy of the weights has them) with the fourth-order ODE sampler
+(its samples follow the density the likelihood computes; a few-step solver's would not), computes each sample's
 log p (probability-flow ODE, exact divergence, dopri5) and energy (flexible bonds, torch Amber),
 reweights by exp(-E/kT - log p) and compares dF between phi/psi basins with
 the shipped long-MD reference (all weighted frames; error by block bootstrap over time).
 Work is saved chunk by chunk (--out .npz), so an interrupted run can be analysed
 (--analyse-only) and resumed.
 
-    OMP_NUM_THREADS=1 python scripts/alanine_free_energy.py -n 1500 --out bench/alanine_fe.npz
-    OMP_NUM_THREADS=1 python scripts/alanine_free_energy.py --model runs/ala_flex -n 150 \
-        --out runs/fe_flex_rk4.npz   # a model folder, e.g. one fine-tuned on alanine_flexible_data.py
+    OMP_NUM_THREADS=1 python scripts/alanine_free_energy.py -n 250 --seed 1 --out runs/fe_s1.npz
+    OMP_NUM_THREADS=1 python scripts/alanine_free_energy.py --analyse-only --out runs/fe_s0.npz \
+        --also runs/fe_s1.npz runs/fe_s2.npz          # several seeds together
+    OMP_NUM_THREADS=1 python scripts/alanine_free_energy.py --model alanine-dipeptide -n 50 \
+        --out runs/fe_constrained.npz   # any model name or folder
 """
 from __future__ import annotations
 
@@ -114,7 +117,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=1500)
     ap.add_argument("--chunk", type=int, default=50)
-    ap.add_argument("--model", default="alanine-dipeptide", help="model name or folder")
+    ap.add_argument("--model", default="alanine-dipeptide-flexible", help="model name or folder")
     ap.add_argument("--sampler", default="rk4", help="rk4: samples of the density the likelihood computes")
     ap.add_argument("--steps", type=int, default=100,
                     help="sampler steps (rk4 x100: atoms within ~1e-3 A of the converged ODE solution; x50: 3e-2)")
