@@ -40,17 +40,17 @@ def read_prmtop(path) -> dict[str, list]:
             m = re.match(r"%FORMAT\((\d+)([aIE])(\d+)", line)
             if m is None:
                 raise ValueError(f"{path}: unreadable {line.strip()!r} in section {flag}")
-            _, kind, width = m.group(1), m.group(2), int(m.group(3))
+            kind, width = m.group(2), int(m.group(3))
         elif flag is not None and not line.startswith("%"):
-            fields = [line[i:i + width] for i in range(0, len(line.rstrip("\n")), width)]
             cast = {"a": str.strip, "I": int, "E": float}[kind]
-            values.extend(cast(f) for f in fields if f.strip() or kind == "a")
+            values.extend(cast(line[i:i + width]) for i in range(0, len(line.rstrip()), width))
     if flag is not None:
         sections[flag] = values
     return sections
 
 
-def _triples(flat, k: int) -> np.ndarray:
+def _records(flat, k: int) -> np.ndarray:
+    """A flat prmtop index list as (n, k) records."""
     return np.asarray(flat, dtype=np.int64).reshape(-1, k)
 
 
@@ -65,19 +65,19 @@ class AmberEnergy(torch.nn.Module):
         self.n_atoms = n
         f64 = dict(dtype=torch.float64)
 
-        bonds = np.concatenate([_triples(p["BONDS_INC_HYDROGEN"], 3), _triples(p["BONDS_WITHOUT_HYDROGEN"], 3)])
+        bonds = np.concatenate([_records(p["BONDS_INC_HYDROGEN"], 3), _records(p["BONDS_WITHOUT_HYDROGEN"], 3)])
         self.register_buffer("bond_idx", torch.from_numpy(bonds[:, :2] // 3))
         bt = bonds[:, 2] - 1
         self.register_buffer("bond_k", torch.tensor(np.take(p["BOND_FORCE_CONSTANT"], bt), **f64))
         self.register_buffer("bond_r0", torch.tensor(np.take(p["BOND_EQUIL_VALUE"], bt), **f64))
 
-        angles = np.concatenate([_triples(p["ANGLES_INC_HYDROGEN"], 4), _triples(p["ANGLES_WITHOUT_HYDROGEN"], 4)])
+        angles = np.concatenate([_records(p["ANGLES_INC_HYDROGEN"], 4), _records(p["ANGLES_WITHOUT_HYDROGEN"], 4)])
         self.register_buffer("angle_idx", torch.from_numpy(angles[:, :3] // 3))
         at = angles[:, 3] - 1
         self.register_buffer("angle_k", torch.tensor(np.take(p["ANGLE_FORCE_CONSTANT"], at), **f64))
         self.register_buffer("angle_theta0", torch.tensor(np.take(p["ANGLE_EQUIL_VALUE"], at), **f64))
 
-        dih = np.concatenate([_triples(p["DIHEDRALS_INC_HYDROGEN"], 5), _triples(p["DIHEDRALS_WITHOUT_HYDROGEN"], 5)])
+        dih = np.concatenate([_records(p["DIHEDRALS_INC_HYDROGEN"], 5), _records(p["DIHEDRALS_WITHOUT_HYDROGEN"], 5)])
         self.register_buffer("dihedral_idx", torch.from_numpy(np.abs(dih[:, :4]) // 3))
         dt = dih[:, 4] - 1
         self.register_buffer("dihedral_k", torch.tensor(np.take(p["DIHEDRAL_FORCE_CONSTANT"], dt), **f64))
