@@ -21,17 +21,8 @@ def main(n: int = 8, seed: int = 0, scale: float = 0.05):
     rng = np.random.default_rng(seed)
     x = ala.load_reference()["positions"][rng.choice(ala.TRAIN_FRAMES, n, replace=False)].astype(np.float64)
     x += scale * rng.standard_normal(x.shape)  # every bond and angle off its minimum
-    _, system = ala.openmm_system(constraints=None)
-    groups = {}
-    for group, force in enumerate(system.getForces()):
-        force.setForceGroup(group)
-        groups[type(force).__name__] = group
-    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
-    terms = np.empty((n, len(FORCES)))
-    for b in range(n):
-        ctx.setPositions(x[b] * 0.1)
-        for k, name in enumerate(FORCES):
-            terms[b, k] = ctx.getState(getEnergy=True, groups={groups[name]}).getPotentialEnergy()._value
+    saved = ala.AlanineDipeptide().openmm_terms(x)
+    terms = np.stack([saved[name] for name in FORCES], axis=1)
     OUT.parent.mkdir(exist_ok=True)
     np.savez(OUT, positions=x, terms_kj_mol=terms, forces=np.array(FORCES), openmm_version=openmm.__version__)
     print(f"wrote {OUT}: {n} structures, terms {FORCES}")

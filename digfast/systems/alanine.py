@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from digfast.systems.checks import check_structures
+from digfast.systems.checks import check_structures, force_from_energy
+from digfast.systems.geometry import dihedral
 
 DATA = Path(__file__).parent / "data"
 PDB_PATH = DATA / "alanine-dipeptide.pdb"
@@ -90,37 +91,6 @@ def _np(a) -> np.ndarray:
 def _wrap_deg(a: np.ndarray) -> np.ndarray:
     """Angles to [-180, 180)."""
     return (np.asarray(a, dtype=np.float64) + 180.0) % 360.0 - 180.0
-
-
-def dihedral(positions, idx, degrees: bool = True):
-    """Dihedral angle of atoms idx = (i, j, k, l) for positions (..., N, 3).
-
-    numpy in, numpy out (float64); torch in, torch out (differentiable). Sign convention of
-    mdtraj.compute_dihedrals / IUPAC: atan2(|b2| b1 . (b2 x b3), (b1 x b2) . (b2 x b3)).
-    """
-    is_torch = isinstance(positions, torch.Tensor)
-    if is_torch:
-        p = positions
-        cross, dot = (lambda a, b: torch.linalg.cross(a, b, dim=-1)), (lambda a, b: (a * b).sum(-1))
-        norm, atan2 = (lambda a: a.norm(dim=-1)), torch.atan2
-    else:
-        p = np.asarray(positions, dtype=np.float64)
-        cross, dot = (lambda a, b: np.cross(a, b)), (lambda a, b: (a * b).sum(-1))
-        norm, atan2 = (lambda a: np.linalg.norm(a, axis=-1)), np.arctan2
-    i, j, k, l = idx
-    b1 = p[..., j, :] - p[..., i, :]
-    b2 = p[..., k, :] - p[..., j, :]
-    b3 = p[..., l, :] - p[..., k, :]
-    c23 = cross(b2, b3)
-    angle = atan2(norm(b2) * dot(b1, c23), dot(cross(b1, b2), c23))
-    if degrees:
-        angle = angle * (180.0 / math.pi)
-        # atan2 gives (-180, 180]; map +180 to -180 so that angles lie in [-180, 180)
-        if is_torch:
-            angle = torch.where(angle >= 180.0, angle - 360.0, angle)
-        else:
-            angle = np.where(angle >= 180.0, angle - 360.0, angle)
-    return angle
 
 
 def phi_psi(positions_angstrom, degrees: bool = True):
@@ -438,6 +408,8 @@ class AlanineDipeptide:
         if self._context is None:
             openmm = _require_openmm()
             _, system = openmm_system(constraints=None)
+            for group, force in enumerate(system.getForces()):  # each force's energy on its own
+                force.setForceGroup(group)
             integrator = openmm.VerletIntegrator(0.001)
             platform = openmm.Platform.getPlatformByName("Reference")
             self._context = openmm.Context(system, integrator, platform)
@@ -475,15 +447,26 @@ class AlanineDipeptide:
 
     def force(self, x) -> torch.Tensor:
         """-grad energy in kT per Angstrom, (B, 22, 3), x's dtype."""
-        with torch.enable_grad():
-            x = torch.as_tensor(x).detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self.energy(x).sum(), x)
-        return -g
+        return force_from_energy(self.energy, x)
 
     def openmm_energy(self, x) -> torch.Tensor:
         """:meth:`energy` computed by OpenMM's Reference platform, float64 (needs OpenMM)."""
         e, _ = self._evaluate(x, forces=False)
         return torch.from_numpy(e / self.kT_kj_mol)
+
+    def openmm_terms(self, x) -> dict[str, np.ndarray]:
+        """OpenMM's energy of each force (class name -> (B,) kJ/mol), float64 (needs OpenMM)."""
+        x = torch.as_tensor(x)
+        self._check(x)
+        ctx = self._openmm_context()
+        forces = ctx.getSystem().getForces()
+        terms = {type(f).__name__: np.empty(len(x)) for f in forces}
+        for b, pos in enumerate(x.detach().cpu().to(torch.float64).numpy() * self.length_unit_nm):
+            ctx.setPositions(pos)
+            for f in forces:
+                state = ctx.getState(getEnergy=True, groups={f.getForceGroup()})
+                terms[type(f).__name__][b] = state.getPotentialEnergy()._value
+        return terms
 
     def openmm_force(self, x) -> torch.Tensor:
         """:meth:`force` computed by OpenMM, float64 (needs OpenMM)."""

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from digfast.systems.geometry import dihedral
+
 KCAL_TO_KJ = 4.184
 COULOMB_KJ_NM = 138.935456  # OpenMM's ONE_4PI_EPS0
 AMBER_CHARGE_SCALE = 18.2223
@@ -129,17 +131,16 @@ class AmberEnergy(torch.nn.Module):
             return getattr(self, name).to(x.dtype)
 
         b = self.bond_idx
-        r = _norm(x[..., b[:, 1], :] - x[..., b[:, 0], :])
+        r = torch.linalg.vector_norm(x[..., b[:, 1], :] - x[..., b[:, 0], :], dim=-1)
         e_bond = (par("bond_k") * (r - par("bond_r0")) ** 2).sum(-1)
 
         a = self.angle_idx
         u, v = x[..., a[:, 0], :] - x[..., a[:, 1], :], x[..., a[:, 2], :] - x[..., a[:, 1], :]
         # atan2(|u x v|, u.v): accurate near 0 and pi, where acos loses precision and its gradient
-        theta = torch.atan2(_norm(torch.linalg.cross(u, v)), (u * v).sum(-1))
+        theta = torch.atan2(torch.linalg.vector_norm(torch.linalg.cross(u, v), dim=-1), (u * v).sum(-1))
         e_angle = (par("angle_k") * (theta - par("angle_theta0")) ** 2).sum(-1)
 
-        d = self.dihedral_idx
-        phi = dihedral_angle(*(x[..., d[:, k], :] for k in range(4)))
+        phi = dihedral(x, self.dihedral_idx.T, degrees=False)
         e_dih = (par("dihedral_k") * (1.0 + torch.cos(par("dihedral_n") * phi - par("dihedral_phase")))).sum(-1)
 
         def nonbonded(name, lj_scale=None, coulomb_scale=None):
@@ -159,16 +160,3 @@ class AmberEnergy(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sum(self.terms(x).values())
-
-
-def _norm(v: torch.Tensor) -> torch.Tensor:
-    return v.pow(2).sum(-1).sqrt()
-
-
-def dihedral_angle(p0, p1, p2, p3) -> torch.Tensor:
-    """Signed dihedral p0-p1-p2-p3 in radians (IUPAC sign), by atan2: smooth everywhere but at
-    collinear triples."""
-    b0, b1, b2 = p1 - p0, p2 - p1, p3 - p2
-    n1, n2 = torch.linalg.cross(b0, b1), torch.linalg.cross(b1, b2)
-    return torch.atan2(_norm(b1) * (b0 * n2).sum(-1), (n1 * n2).sum(-1))
-

@@ -1,4 +1,4 @@
-"""Input checks shared by every system."""
+"""Shared by every system: input checks, and forces from an energy written in torch."""
 from __future__ import annotations
 
 import torch
@@ -9,3 +9,11 @@ def check_structures(system, x: torch.Tensor) -> None:
     if x.dim() != 3 or tuple(x.shape[1:]) != (system.n_atoms, system.spatial_dim):
         raise ValueError(f"{system.name}: expected (batch, {system.n_atoms}, {system.spatial_dim}), "
                          f"got {tuple(x.shape)}")
+
+
+def force_from_energy(energy, x: torch.Tensor) -> torch.Tensor:
+    """-grad energy(x) (the Boltzmann score at kT = 1 when energy is in kT), x's shape and dtype."""
+    with torch.enable_grad():
+        x = torch.as_tensor(x).detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(energy(x).sum(), x)
+    return -g

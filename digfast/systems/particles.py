@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from digfast.systems.checks import check_structures
+from digfast.systems.checks import check_structures, force_from_energy
 
 DATA = Path(__file__).parent / "data"
 
@@ -60,10 +60,7 @@ class ParticleSystem:
 
     def force(self, x: torch.Tensor) -> torch.Tensor:
         """-grad E, the score of the Boltzmann density at kT = 1."""
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self.energy(x).sum(), x)
-        return -g
+        return force_from_energy(self.energy, x)
 
 
 class DoubleWell4(ParticleSystem):
