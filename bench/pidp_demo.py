@@ -49,6 +49,9 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--init", default=None, help="go on from this PIDP-trained model (fresh optimiser)")
     ap.add_argument("--pidp-floor", type=float, default=None)
+    ap.add_argument("--residual-weight", type=float, default=None, help="Fokker-Planck residual (0: left out)")
+    ap.add_argument("--mc-weight", type=float, default=None, help="Monte-Carlo score term (pidp.monte_carlo_score)")
+    ap.add_argument("--mc-samples", type=int, default=None, help="its proposals per point (x2, antithetic)")
     ap.add_argument("-n", type=int, default=2000, help="samples for the evaluation")
     ap.add_argument("--out", default="runs/pidp_demo")
     ap.add_argument("--json", default=None)
@@ -59,7 +62,9 @@ def main(argv=None):
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("pidp_probes", args.probes),
                                    ("pidp_force_weight", args.force_weight), ("pidp_prior_weight", args.prior_weight),
                                    ("t_power", args.t_power), ("lr", args.lr),
-                                   ("pidp_floor", args.pidp_floor)) if v is not None}
+                                   ("pidp_floor", args.pidp_floor), ("pidp_residual_weight", args.residual_weight),
+                                   ("pidp_mc_weight", args.mc_weight), ("pidp_mc_samples", args.mc_samples))
+                 if v is not None}
     prior = None if args.prior_width is None else {"name": "boltzmann", "width": args.prior_width,
                                                    "onset": args.prior_onset}
     trainer, report = build_pidp_trainer(args.system, f"{args.out}/run", steps=args.steps, network=network,

@@ -60,6 +60,9 @@ class TrainConfig:
     pidp_probes: int = 0  # divergence: 0 = exact over the subspace basis, k > 0 = k Rademacher probes
     pidp_floor: float = 0.1  # finest length scale (normalised units) in the residual's weight
     pidp_prior_weight: float = 1.0  # anchor at t_max: the prior's score
+    pidp_residual_weight: float = 1.0  # the Fokker-Planck residual's weight (0: leave it out)
+    pidp_mc_weight: float = 0.0  # > 0: also match the energy-only Monte-Carlo score (pidp.monte_carlo_score)
+    pidp_mc_samples: int = 256  # its proposals per point (antithetic pairs: twice as many energies)
     extra: dict = field(default_factory=dict)
 
 

@@ -112,24 +112,79 @@ def force_match(score, schedule, x0: torch.Tensor, eps: torch.Tensor, forces: to
 def pidp_loss(model, net, x0, t, eps, forces, cfg, generator) -> torch.Tensor:
     """The PIDP objective on a batch of candidates x0 (normalised units): weighted Fokker-
     Planck residual at x_t = alpha_t x0 + sigma_t eps, plus pidp_force_weight times the force
-    match at t_min when the candidates' forces are given (training, not validation)."""
+    match at t_min when the candidates' forces are given (training, not validation), plus
+    pidp_mc_weight times the match to the Monte-Carlo score at x_t (monte_carlo_score)."""
     sched = model.schedule
     score = network_score(model, net)
     tt = t.double()
     alpha, sigma = sched.alpha(tt).to(x0.dtype), sched.sigma(tt).to(x0.dtype)
     xt = alpha[:, None, None] * x0 + sigma[:, None, None] * eps
     b, n, d = x0.shape
-    probes = None
-    if cfg.pidp_probes > 0:
-        probes = rademacher_subspace_probes(cfg.pidp_probes, b, n, d, generator, x0.dtype)
-    residual, _ = fokker_planck_residual(score, sched, xt, t, probes=probes)
-    w = residual_weight(sched, tt, cfg.pidp_floor).to(x0.dtype)
-    loss = (w[:, None, None] * residual).pow(2).sum((1, 2)).mean() / ((n - 1) * d)
+    loss, s = x0.new_zeros(()), None
+    if cfg.pidp_residual_weight > 0:
+        probes = None
+        if cfg.pidp_probes > 0:
+            probes = rademacher_subspace_probes(cfg.pidp_probes, b, n, d, generator, x0.dtype)
+        residual, s = fokker_planck_residual(score, sched, xt, t, probes=probes)
+        w = residual_weight(sched, tt, cfg.pidp_floor).to(x0.dtype)
+        loss = cfg.pidp_residual_weight * (w[:, None, None] * residual).pow(2).sum((1, 2)).mean() / ((n - 1) * d)
+    if cfg.pidp_mc_weight > 0:
+        if s is None:
+            s = remove_com(score(xt, t))
+        target = monte_carlo_score(model.system.energy, xt, alpha, sigma, cfg.pidp_mc_samples, generator,
+                                   model.position_scale, cfg.pidp_floor).to(s.dtype)
+        # in noise units, sigma (s - target): O(1) at every t, like the DSM loss
+        mc = (sigma[:, None, None] * (s - target)).pow(2).sum((1, 2)).mean() / ((n - 1) * d)
+        loss = loss + cfg.pidp_mc_weight * mc
     if forces is not None and cfg.pidp_force_weight > 0:
         loss = loss + cfg.pidp_force_weight * force_match(score, sched, x0, eps, forces, cfg.t_min).mean()
     if cfg.pidp_prior_weight > 0:
         loss = loss + cfg.pidp_prior_weight * prior_match(score, sched, x0, eps).mean()
     return loss
+
+
+@torch.no_grad()
+def monte_carlo_score(energy, xt: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, k: int, generator,
+                      scale: float = 1.0, crossover: float = 0.1) -> torch.Tensor:
+    """(B, N, d) estimate of the noised score grad log p_t(x_t) from the energy alone.
+
+    The posterior of x0 given x_t is exp(-E(x0)) N(x_t; alpha x0, sigma^2). Proposals come from
+    the posterior of a unit Gaussian in place of exp(-E) (the data are normalised to unit
+    variance): x0 = m + sqrt(c) z, m = alpha x_t / (alpha^2 + sigma^2), c = sigma^2 / (alpha^2 +
+    sigma^2), k antithetic pairs +-z on the zero-CoM subspace; their self-normalised weights are
+    exp(-E(x0) + |x0|^2 / 2). Near t = 0 they sit around x_t / alpha; at large noise they cover
+    the data, where proposals around x_t / alpha would never land. The weighted mean is then
+    taken of either
+        -(x_t - alpha x0) / sigma^2   (the noise form: exact as alpha -> 0)
+        -grad E(x0) / alpha           (the force form: low variance as sigma / alpha -> 0)
+    blended with 1 / (1 + (sigma / (alpha crossover))^2) on the force form: the same
+    expectation, different variances.
+
+    energy: the system's energy in kT of real coordinates (normalised x times `scale`);
+    xt (B, N, d) normalised, alpha and sigma (B,). Non-finite energies weigh 0."""
+    b, n, d = xt.shape
+    z = remove_com(torch.randn((k * b, n, d), generator=generator, dtype=torch.float64)).reshape(k, b, n, d)
+    z = torch.cat([z, -z]).to(xt.device)
+    a = alpha.double()[:, None, None]
+    sg = sigma.double()[:, None, None]
+    x = remove_com(xt.double())
+    total = a**2 + sg**2
+    x0 = (a * x / total + (sg / total.sqrt()) * z).reshape(-1, n, d)
+    with torch.enable_grad():
+        xr = (x0 * scale).requires_grad_(True)
+        u = energy(xr)
+        (grad,) = torch.autograd.grad(u.sum(), xr)
+    log_w = -u + 0.5 * x0.pow(2).sum((1, 2))
+    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -float("inf")))
+    w = torch.softmax(log_w.reshape(2 * k, b), dim=0)
+    used = (w > 0).reshape(-1, 1, 1)
+    grad = torch.where(used, grad * scale, torch.zeros_like(grad)).reshape(2 * k, b, n, d)
+    x0 = x0.reshape(2 * k, b, n, d)
+    w = w[..., None, None]
+    noise_form = -(x - a * (w * x0).sum(0)) / sg**2
+    force_form = -(w * grad).sum(0) / a
+    lam = 1.0 / (1.0 + (sg / (a * crossover)) ** 2)
+    return remove_com(lam * force_form + (1 - lam) * noise_form)
 
 
 def prior_match(score, schedule, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
