@@ -2,7 +2,9 @@
 noise floor (the same statistic for an independent reference set of the same size).
 
 DW-4 / LJ-13: Wasserstein-1 distance of the energy and of the interatomic-distance
-distributions. Alanine dipeptide: Jensen-Shannon divergence of the 36 x 36 phi/psi histogram
+distributions. DW-4 also: its mode populations, the fractions of structures with k = 0..6 pair
+distances in the inner well (below the barrier at d0 = 4), as the largest difference from the
+reference's. Alanine dipeptide: Jensen-Shannon divergence of the 36 x 36 phi/psi histogram
 against the held-out part of the reference run (every reweighted frame after the last
 training structure); floor: n frames drawn by weight from the run's training period against
 the same held-out histogram. Basin populations beside the held-out reference's.
@@ -14,7 +16,7 @@ import numpy as np
 
 from digfast.report import wasserstein1
 from digfast.systems import alanine as ala
-from digfast.systems.particles import pair_distances
+from digfast.systems.particles import DoubleWell4, pair_distances
 
 
 def particle_statistics(system, samples, ref_a, ref_b) -> list[dict]:
@@ -24,7 +26,20 @@ def particle_statistics(system, samples, ref_a, ref_b) -> list[dict]:
     for name, f in (("energy W1", lambda x: e(x.double())), ("distance W1", lambda x: pair_distances(x.double()))):
         rows.append({"statistic": name, "value": wasserstein1(f(samples), f(ref_a)),
                      "floor": wasserstein1(f(ref_b), f(ref_a))})
+    if system.name == "dw4":
+        pops, ref_pops = dw4_mode_populations(samples), dw4_mode_populations(ref_a)
+        rows.append({"statistic": "mode populations", "value": float(np.abs(pops - ref_pops).max()),
+                     "floor": float(np.abs(dw4_mode_populations(ref_b) - ref_pops).max()),
+                     "populations": pops.tolist(), "reference": ref_pops.tolist()})
     return rows
+
+
+def dw4_mode_populations(x) -> np.ndarray:
+    """(7,) fractions of DW-4 structures with k = 0..6 of their pair distances below the
+    barrier of the pair potential (d0 = 4): the modes are k = 2 and 4 (the reference holds
+    about 45% and 47%), with k = 3 and 5 between them."""
+    k = (pair_distances(x.double()) < DoubleWell4.d0).sum(-1)
+    return np.bincount(k.numpy(), minlength=7)[:7] / len(k)
 
 
 def alanine_statistics(samples, n: int, seed: int = 0, repeats: int = 20) -> list[dict]:
