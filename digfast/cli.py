@@ -13,6 +13,16 @@ from digfast import cli_property, cli_protein
 from digfast.arguments import check_device
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -121,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
                          "then fine-tune by DSM on those structures")
     tr.add_argument("--pidp-steps", type=int, default=None, help="PIDP steps (default: the recipe's)")
     tr.add_argument("--candidates", type=int, default=None, help="PIDP candidate structures (default: the recipe's)")
+    tr.add_argument("--residual-weight", type=_non_negative_float, default=None,
+                    help="PIDP: weight of the Fokker-Planck residual (default 1; 0 leaves it out)")
+    tr.add_argument("--mc-weight", type=_non_negative_float, default=None,
+                    help="PIDP: weight of the energy-only Monte-Carlo score term (default 0: off)")
+    tr.add_argument("--mc-samples", type=_positive_int, default=None,
+                    help="PIDP: proposal pairs per point of the Monte-Carlo score (default 256)")
     tr.add_argument("--prior-width", type=float, default=None,
                     help="learn the score's difference from one built from the energy, whose wells have this "
                          "width in normalised units (e.g. 0.1); default: no prior")
@@ -262,11 +278,16 @@ def _cmd_train(args) -> int:
     init = args.init
     prior = None if args.prior_width is None else {"name": "boltzmann", "width": args.prior_width,
                                                    "cap": args.prior_cap, "onset": args.prior_onset}
+    pidp_terms = {k: v for k, v in (("pidp_residual_weight", args.residual_weight), ("pidp_mc_weight", args.mc_weight),
+                                     ("pidp_mc_samples", args.mc_samples)) if v is not None}
+    if pidp_terms and not args.pidp:
+        raise ValueError("--residual-weight, --mc-weight and --mc-samples shape the PIDP loss: add --pidp")
     if args.pidp:
         pidp_out = out / "pidp" if args.data else out
         trainer, report = build_pidp_trainer(args.system, pidp_out / "run" if args.data else run_dir,
                                              steps=args.pidp_steps, seed=args.seed, resume=args.resume,
-                                             candidates=args.candidates, prior=prior, network=args.network)
+                                             candidates=args.candidates, prior=prior, network=args.network,
+                                             overrides=pidp_terms)
         print(f"digfast: {report.n} PIDP candidates in {report.seconds:.1f} s ({report.energy_evaluations} energy "
               f"evaluations; mean energy {report.energy_mean:.2f})")
         folder = train_and_save(trainer, pidp_out, progress=not args.quiet)

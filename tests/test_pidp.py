@@ -212,3 +212,11 @@ def test_cli_pidp_then_dsm(tmp_path, rng, capsys):
                  "--steps", "2", "--batch-size", "8", "--prior-width", "0.15", "--out", str(tmp_path / "p"),
                  "--quiet"]) == 0, capsys.readouterr().err
     assert digfast.load(str(tmp_path / "p")).prior == digfast.load(str(tmp_path / "p" / "pidp")).prior is not None
+    # the loss's terms from the command line, recorded in the model; refused without --pidp
+    assert main(["train", "--system", "dw4", "--pidp", "--pidp-steps", "2", "--candidates", "64", "--mc-weight", "0.5",
+                 "--mc-samples", "8", "--residual-weight", "0", "--out", str(tmp_path / "mc"), "--quiet"]) == 0
+    cfg = digfast.load(str(tmp_path / "mc")).info["train_config"]
+    assert (cfg["pidp_mc_weight"], cfg["pidp_mc_samples"], cfg["pidp_residual_weight"]) == (0.5, 8, 0.0)
+    capsys.readouterr()
+    assert main(["train", "--system", "dw4", "--mc-weight", "1", "--out", str(tmp_path / "y")]) == 2
+    assert "add --pidp" in capsys.readouterr().err
