@@ -157,12 +157,15 @@ def test_monte_carlo_score_matches_the_exact_noised_score(rng):
         torch.randn(x0.shape, generator=rng, dtype=torch.float64))
     exact = mixture.score(xt, alpha, sigma)
 
-    def relative(s):
-        return (s - exact).norm(dim=(1, 2)) / exact.norm(dim=(1, 2))
+    def relative(s):  # per noise level, pooled over its 3 points (one point alone can sit where s ~ 0)
+        def per_level(v):
+            return v.pow(2).sum((1, 2)).reshape(3, -1).sum(0).sqrt()
+        return per_level(s - exact) / per_level(exact)
 
+    # worst over 150 seeds: 0.041 for the estimate, at least 0.23 for the swapped mixture
     estimate = monte_carlo_score(mixture.energy, xt, alpha, sigma, 4096, rng)
     assert relative(estimate).max() < 0.08
-    assert relative(swapped.score(xt, alpha, sigma)).max() > 0.3
+    assert relative(swapped.score(xt, alpha, sigma)).max() > 0.15
     # the scale maps normalised coordinates to the energy's: the same estimate in other units
     scaled = monte_carlo_score(lambda x: mixture.energy(x / 2.0), xt, alpha, sigma, 4096, rng, scale=2.0)
     assert relative(scaled).max() < 0.08
