@@ -2,6 +2,8 @@
 
     python bench/pidp_demo.py --system dw4 [--steps 3000] [--layers 2 --width 32] [--json out.json]
     python bench/pidp_demo.py --system dw4 --steps 0 --prior-width 0.15   # the energy-built prior alone
+    python bench/pidp_demo.py --system dw4 --steps 8000 --residual-weight 0 --mc-weight 1 \
+        --mc-samples 1024 --batch-size 128                                 # Monte-Carlo term alone
 
 Prints the candidate cost, the training time and the accuracy report's statistics (energy
 and distance W1 beside their noise floors, held-out public validation split) for the
