@@ -17,12 +17,24 @@ def energy_stats(energies: torch.Tensor) -> dict:
             "max": float(e.max())}
 
 
-def wasserstein1(a: torch.Tensor, b: torch.Tensor) -> float:
-    """W1 between two 1-D empirical distributions of equal size (sorted difference)."""
-    a, b = torch.sort(a.double().flatten())[0], torch.sort(b.double().flatten())[0]
-    if len(a) != len(b):
-        raise ValueError("wasserstein1 here needs equal sample sizes")
-    return float((a - b).abs().mean())
+def wasserstein1(a, b, a_weights=None) -> float:
+    """W1 between two 1-D empirical distributions: the area between their CDFs. a_weights
+    (optional, >= 0, any scale) weight a's points, e.g. importance weights; b's count equally."""
+    a = torch.as_tensor(a).double().flatten()
+    b = torch.as_tensor(b).double().flatten()
+    if a_weights is None and len(a) == len(b):  # equal sizes: the mean gap of the sorted values
+        return float((torch.sort(a)[0] - torch.sort(b)[0]).abs().mean())
+    wa = torch.ones_like(a) if a_weights is None else torch.as_tensor(a_weights).double().flatten()
+    if wa.shape != a.shape or not torch.isfinite(wa).all() or (wa < 0).any() or wa.sum() <= 0:
+        raise ValueError("a_weights must be finite, >= 0, not all 0 and one per value of a")
+    a, order = torch.sort(a)
+    cdf_a = torch.cat([wa.new_zeros(1), torch.cumsum(wa[order], 0) / wa.sum()])
+    b = torch.sort(b)[0]
+    cdf_b = torch.arange(len(b) + 1, dtype=torch.float64) / len(b)
+    grid = torch.sort(torch.cat([a, b]))[0]
+    left = grid[:-1]
+    gap = cdf_a[torch.searchsorted(a, left, right=True)] - cdf_b[torch.searchsorted(b, left, right=True)]
+    return float((gap.abs() * torch.diff(grid)).sum())
 
 
 def energies_or_none(system, positions) -> torch.Tensor | None:

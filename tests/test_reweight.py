@@ -7,6 +7,7 @@ import torch
 
 import digfast
 from digfast import reweight
+from digfast.report import wasserstein1
 from digfast.systems import GaussianMixture
 
 TARGET_WEIGHTS = [0.15, 0.25, 0.6]  # the model samples the default mixture (0.5, 0.3, 0.2)
@@ -56,3 +57,20 @@ def test_weights_refuse_bad_input():
         reweight.free_energy_difference(np.array([1, 0]), np.array([0, 0]), np.zeros(2))
     lw = reweight.log_weights(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0]))
     assert np.allclose(np.exp(lw), [1 / (1 + math.exp(-1)), math.exp(-1) / (1 + math.exp(-1))])
+
+
+def test_weighted_wasserstein1_matches_repeated_points():
+    """Integer weights k_i are the same distribution as a with point i repeated k_i times:
+    the general (CDF) path must give what the sorted-gap path gives on the repeated set."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    a = torch.randn(23, generator=g, dtype=torch.float64) * 1.7 + 0.4
+    k = torch.randint(1, 5, (23,), generator=g)
+    b = torch.randn(int(k.sum()), generator=g, dtype=torch.float64)
+    repeated = torch.repeat_interleave(a, k)
+    assert wasserstein1(a, b, k.double()) == pytest.approx(wasserstein1(repeated, b), rel=1e-12)
+    # a translate is |shift| away, whatever the (equal) sizes; scaling the weights changes nothing
+    shift = float(torch.randn((), generator=g))
+    assert wasserstein1(a, a + shift, 3 * torch.ones(23)) == pytest.approx(abs(shift), rel=1e-12)
+    assert wasserstein1(a, b, k.double()) == pytest.approx(wasserstein1(a, b, 0.1 * k.double()), rel=1e-12)
+    with pytest.raises(ValueError):
+        wasserstein1(a, b, -k.double())
