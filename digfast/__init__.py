@@ -1,5 +1,5 @@
 """digfast: fast sampling and likelihoods for Distributional Graphormer (DiG) diffusion models."""
-from digfast.api import load, load_official_protein, log_likelihood, sample_batch
+from digfast.api import load, load_official_protein, log_likelihood, sample_batch, sample_with_likelihood
 from digfast.guidance import Guidance
 from digfast.paths import reaction_path
 from digfast.results import SampleResult
@@ -7,5 +7,6 @@ from digfast.schedules import CosineVP, GeometricVE, LinearVP, SigmoidVP, make_s
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "load_official_protein", "sample_batch", "log_likelihood", "SampleResult", "LinearVP", "CosineVP",
+__all__ = ["load", "load_official_protein", "sample_batch", "log_likelihood", "sample_with_likelihood",
+           "SampleResult", "LinearVP", "CosineVP",
            "SigmoidVP", "GeometricVE", "make_schedule", "Guidance", "reaction_path", "__version__"]

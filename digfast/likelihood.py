@@ -56,6 +56,7 @@ class LikelihoodResult:
     latent: torch.Tensor    # (B, N, d) x_T, the point the ODE maps x_0 to
     prior_log_prob: torch.Tensor  # (B,) log p_T(x_T)
     n_evals: int            # score evaluations (batched calls) used
+    positions: torch.Tensor | None = None  # (B, N, d) the samples, from sample_with_likelihood
 
 
 def dof(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -347,6 +348,26 @@ def _check(x, mask):
         raise ValueError(f"mask must be {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
 
 
+def _flow_with_log_det(score_fn, schedule, x, t_from: float, t_to: float, mask, divergence, probes, seed,
+                       sample_ids, method, steps, rtol, atol):
+    """Carry x (zero CoM) along the probability-flow ODE from t_from to t_to, and int div v dt
+    along the same path (negative when t_to < t_from)."""
+    chosen = resolve_divergence(divergence, x.shape[1] * x.shape[2], x.device)
+    eps = None
+    if chosen.startswith("hutchinson"):
+        if probes < 1:
+            raise ValueError(f"probes must be >= 1, got {probes}")
+        ids = torch.arange(x.shape[0], device=x.device) if sample_ids is None else sample_ids
+        eps = rademacher_probes(probes, seed, ids, x.shape[1:], mask, x.dtype)
+    fallback = chosen.removesuffix("-forward") if divergence == "auto" and chosen.endswith("-forward") else None
+    drift = _Drift(score_fn, schedule, mask, chosen, eps, fallback)
+    acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    # log p's error counts in nats whatever its size (a weight is exp(log p)): atol alone
+    x_end, acc = integrate(lambda y, t, rows: drift(y[0], t, rows), (x, acc), t_from, t_to,
+                           method=method, steps=steps, rtol=rtol, atol=atol, relative=(True, False))
+    return x_end, acc, drift.n_evals
+
+
 def log_likelihood(score_fn: ScoreFn, schedule: Schedule, x0: torch.Tensor, *, mask=None,
                    divergence: str = "auto", probes: int = 8, seed: int = 0, sample_ids=None,
                    method: str = "rk4", steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
@@ -358,23 +379,30 @@ def log_likelihood(score_fn: ScoreFn, schedule: Schedule, x0: torch.Tensor, *, m
     marginal at t_max to measure the integration error alone.
     """
     _check(x0, mask)
-    chosen = resolve_divergence(divergence, x0.shape[1] * x0.shape[2], x0.device)
-    x = remove_com(x0, mask)
-    eps = None
-    if chosen.startswith("hutchinson"):
-        if probes < 1:
-            raise ValueError(f"probes must be >= 1, got {probes}")
-        ids = torch.arange(x.shape[0], device=x.device) if sample_ids is None else sample_ids
-        eps = rademacher_probes(probes, seed, ids, x.shape[1:], mask, x.dtype)
-    fallback = chosen.removesuffix("-forward") if divergence == "auto" and chosen.endswith("-forward") else None
-    drift = _Drift(score_fn, schedule, mask, chosen, eps, fallback)
-    acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    # log p's error counts in nats whatever its size (a weight is exp(log p)): atol alone
-    xT, acc = integrate(lambda y, t, rows: drift(y[0], t, rows), (x, acc), t_min, schedule.t_max,
-                        method=method, steps=steps, rtol=rtol, atol=atol, relative=(True, False))
+    xT, acc, n_evals = _flow_with_log_det(score_fn, schedule, remove_com(x0, mask), t_min, schedule.t_max, mask,
+                                          divergence, probes, seed, sample_ids, method, steps, rtol, atol)
     prior = (prior_log_prob(xT) if prior_log_prob is not None
              else gaussian_prior_log_prob(xT, schedule.prior_std, mask))
-    return LikelihoodResult(log_prob=prior + acc, latent=xT, prior_log_prob=prior, n_evals=drift.n_evals)
+    return LikelihoodResult(log_prob=prior + acc, latent=xT, prior_log_prob=prior, n_evals=n_evals)
+
+
+def decode_log_likelihood(score_fn: ScoreFn, schedule: Schedule, z: torch.Tensor, *, mask=None,
+                          divergence: str = "auto", probes: int = 8, seed: int = 0, sample_ids=None,
+                          method: str = "rk4", steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
+                          t_min: float = 0.0) -> tuple[torch.Tensor, LikelihoodResult]:
+    """Decode prior draws z (t_max -> t_min) and the log density of the structures they land on.
+
+    log q(x_0) = log p_T(z) - int_{t_min}^{t_max} div v dt along the decoding path itself. An
+    importance weight needs the density of the samples as drawn; integrating back from x_0
+    (log_likelihood) can leave a stiff path elsewhere and put its log p tens of nats off.
+    Returns (x_0, result) with result.latent = z.
+    """
+    _check(z, mask)
+    z = remove_com(z, mask)
+    x0, acc, n_evals = _flow_with_log_det(score_fn, schedule, z, schedule.t_max, t_min, mask,
+                                          divergence, probes, seed, sample_ids, method, steps, rtol, atol)
+    prior = gaussian_prior_log_prob(z, schedule.prior_std, mask)
+    return x0, LikelihoodResult(log_prob=prior - acc, latent=z, prior_log_prob=prior, n_evals=n_evals)
 
 
 def ode_map(score_fn: ScoreFn, schedule: Schedule, x: torch.Tensor, t_from: float, t_to: float, *,

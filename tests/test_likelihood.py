@@ -71,6 +71,25 @@ def test_encode_then_decode_returns_the_input(mixture, data):
     assert 0.7 < float(res.latent.pow(2).sum((1, 2)).mean()) / mixture.dof < 1.3
 
 
+def test_sample_with_likelihood_is_the_density_of_its_samples(mixture):
+    """Decode and log density in one integration: the closed form at the samples, the encoding
+    integration's log p, and sample_batch's rk4 samples from the same prior draws."""
+    model = mixture.model(LinearVP())
+    res = digfast.sample_with_likelihood(model, n=48, steps=200, seed=3, first_sample_id=5)
+    assert res.positions.shape == (48, mixture.n_atoms, mixture.spatial_dim)
+    # t_min = 1e-3 leaves a little noise on the data: compare with the marginal there
+    a, s = LinearVP().alpha(1e-3), LinearVP().sigma(1e-3)
+    err = res.log_prob - mixture.log_prob(res.positions.double(), a, s)
+    assert err.abs().mean() < 0.05, f"mean abs error {float(err.abs().mean()):.3f} nats"
+    enc = digfast.log_likelihood(model, positions=res.positions, steps=200, t_min=1e-3)
+    torch.testing.assert_close(res.log_prob, enc.log_prob, atol=1e-3, rtol=0)
+    drawn = digfast.sample_batch(model, n=48, steps=200, sampler="rk4", seed=3, first_sample_id=5,
+                                 progress=False)
+    torch.testing.assert_close(res.positions, drawn.positions, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="method"):
+        digfast.sample_with_likelihood(model, n=2, method="rk5")
+
+
 def test_padded_likelihood_equals_unpadded(mixture, data):
     model = mixture.model(LinearVP())
     x = data[:10]
