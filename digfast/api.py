@@ -323,11 +323,11 @@ def sample_with_likelihood(model, system=None, n: int = 1000, *, method: str = "
                            progress: bool = False) -> _lik.LikelihoodResult:
     """n samples from the probability-flow ODE and the log density of each, in one integration.
 
-    The prior draws are sample_batch's (keyed by (seed, sample id)), so positions match
-    sample_batch(sampler="rk4") up to the time grid and precision. log_prob is the density of
-    the samples as drawn, along the decoding path itself: what importance weights
-    exp(-E/kT) / q need (digfast.reweight). Returns a LikelihoodResult with .positions
-    (float32, system units) and .latent the prior draws."""
+    The prior draws and the fixed-step grid (uniform in log-SNR, short steps where the ODE
+    stiffens) are sample_batch's, so rk4 positions match sample_batch(sampler="rk4") up to
+    precision. log_prob is the density of the samples as drawn, along the decoding path
+    itself: what importance weights exp(-E/kT) / q need (digfast.reweight). Returns a
+    LikelihoodResult with .positions (float32, system units) and .latent the prior draws."""
     system = _resolve_system(model, system)
     n = check_int("n", n, minimum=1)
     steps = check_int("steps", steps, minimum=1)
@@ -340,6 +340,8 @@ def sample_with_likelihood(model, system=None, n: int = 1000, *, method: str = "
     device = check_device(device)
     if t_min is None:
         t_min = _samplers.default_t_min(model.schedule)
+    times = (_samplers.time_grid(model.schedule, steps, t_min, spacing="logsnr")
+             if method in _LIKELIHOOD_EVALS else None)
     bs = _batch_size(batch_size, n, system.n_atoms)
     scale = _scale(model)
     per_batch = steps * _LIKELIHOOD_EVALS[method] if method in _LIKELIHOOD_EVALS else None
@@ -355,7 +357,7 @@ def sample_with_likelihood(model, system=None, n: int = 1000, *, method: str = "
         z = _samplers.prior_sample(model.schedule, seed, ids, system.n_atoms, system.spatial_dim)
         x, part = _lik.decode_log_likelihood(
             score_fn, model.schedule, z.to(device, dtype), divergence=divergence, probes=probes, seed=seed,
-            sample_ids=ids.to(device), method=method, steps=steps, rtol=rtol, atol=atol, t_min=t_min)
+            sample_ids=ids.to(device), method=method, steps=steps, rtol=rtol, atol=atol, t_min=t_min, times=times)
         xs.append(x.cpu())
         parts.append(part)
     if bar:

@@ -294,13 +294,18 @@ def _per_row(h, like: torch.Tensor):
 
 
 def integrate(rhs, y, t0: float, t1: float, *, method: str = "rk4", steps: int = 100,
-              rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 100_000, relative=None):
+              rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 100_000, relative=None, times=None):
     """Integrate dy/dt = rhs(y, t, rows) for a tuple of tensors y (batch first) from t0 to t1
-    (either direction). Fixed-step methods call rhs with a number t and rows None; dopri5
+    (either direction). Fixed-step methods call rhs with a number t and rows None, and take
+    `steps` equal steps or the steps between the given `times` (t0 ... t1); dopri5 calls it
     with a (b,) tensor t, each row's own, and the indices of the rows y holds. relative: per
     tensor of y, whether dopri5's tolerance is atol + rtol |y| (default) or atol alone."""
     if method in _TABLEAUX:
         c, A, b = _TABLEAUX[method]
+        if times is not None:
+            for ta, tb in zip(times[:-1].tolist(), times[1:].tolist()):
+                y = _combine(y, tb - ta, _rk_stages(lambda yi, ti: rhs(yi, ti, None), y, ta, tb - ta, c, A), b)
+            return y
         h = (t1 - t0) / steps
         for k in range(steps):
             y = _combine(y, h, _rk_stages(lambda yi, ti: rhs(yi, ti, None), y, t0 + k * h, h, c, A), b)
@@ -349,7 +354,7 @@ def _check(x, mask):
 
 
 def _flow_with_log_det(score_fn, schedule, x, t_from: float, t_to: float, mask, divergence, probes, seed,
-                       sample_ids, method, steps, rtol, atol):
+                       sample_ids, method, steps, rtol, atol, times=None):
     """Carry x (zero CoM) along the probability-flow ODE from t_from to t_to, and int div v dt
     along the same path (negative when t_to < t_from)."""
     chosen = resolve_divergence(divergence, x.shape[1] * x.shape[2], x.device)
@@ -364,7 +369,7 @@ def _flow_with_log_det(score_fn, schedule, x, t_from: float, t_to: float, mask, 
     acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     # log p's error counts in nats whatever its size (a weight is exp(log p)): atol alone
     x_end, acc = integrate(lambda y, t, rows: drift(y[0], t, rows), (x, acc), t_from, t_to,
-                           method=method, steps=steps, rtol=rtol, atol=atol, relative=(True, False))
+                           method=method, steps=steps, rtol=rtol, atol=atol, relative=(True, False), times=times)
     return x_end, acc, drift.n_evals
 
 
@@ -389,18 +394,19 @@ def log_likelihood(score_fn: ScoreFn, schedule: Schedule, x0: torch.Tensor, *, m
 def decode_log_likelihood(score_fn: ScoreFn, schedule: Schedule, z: torch.Tensor, *, mask=None,
                           divergence: str = "auto", probes: int = 8, seed: int = 0, sample_ids=None,
                           method: str = "rk4", steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
-                          t_min: float = 0.0) -> tuple[torch.Tensor, LikelihoodResult]:
+                          t_min: float = 0.0, times=None) -> tuple[torch.Tensor, LikelihoodResult]:
     """Decode prior draws z (t_max -> t_min) and the log density of the structures they land on.
 
     log q(x_0) = log p_T(z) - int_{t_min}^{t_max} div v dt along the decoding path itself. An
     importance weight needs the density of the samples as drawn; integrating back from x_0
     (log_likelihood) can leave a stiff path elsewhere and put its log p tens of nats off.
-    Returns (x_0, result) with result.latent = z.
+    times: the fixed-step grid (t_max ... t_min), uniform when None. Returns (x_0, result)
+    with result.latent = z.
     """
     _check(z, mask)
     z = remove_com(z, mask)
     x0, acc, n_evals = _flow_with_log_det(score_fn, schedule, z, schedule.t_max, t_min, mask,
-                                          divergence, probes, seed, sample_ids, method, steps, rtol, atol)
+                                          divergence, probes, seed, sample_ids, method, steps, rtol, atol, times)
     prior = gaussian_prior_log_prob(z, schedule.prior_std, mask)
     return x0, LikelihoodResult(log_prob=prior - acc, latent=z, prior_log_prob=prior, n_evals=n_evals)
 

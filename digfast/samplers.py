@@ -69,8 +69,11 @@ def time_grid(schedule: Schedule, steps: int, t_min: float, spacing: str = "time
     if spacing == "time":
         return torch.linspace(schedule.t_max, t_min, steps + 1, dtype=torch.float64)
     if spacing == "logsnr":
-        lam = torch.linspace(float(schedule.log_snr(schedule.t_max)), float(schedule.log_snr(t_min)),
-                             steps + 1, dtype=torch.float64)
+        lam_min = float(schedule.log_snr(t_min))
+        if not math.isfinite(lam_min):  # VP at t = 0: the grid would jump from t_max to 0
+            raise ValueError(f"t_min {t_min} has an infinite log-SNR; this sampler needs t_min > 0 "
+                             f"(default {default_t_min(schedule)})")
+        lam = torch.linspace(float(schedule.log_snr(schedule.t_max)), lam_min, steps + 1, dtype=torch.float64)
         t = schedule.t_of_log_snr(lam)
         t[0], t[-1] = schedule.t_max, t_min
         return t

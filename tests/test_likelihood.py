@@ -85,9 +85,11 @@ def test_sample_with_likelihood_is_the_density_of_its_samples(mixture):
     torch.testing.assert_close(res.log_prob, enc.log_prob, atol=1e-3, rtol=0)
     drawn = digfast.sample_batch(model, n=48, steps=200, sampler="rk4", seed=3, first_sample_id=5,
                                  progress=False)
-    torch.testing.assert_close(res.positions, drawn.positions, atol=1e-4, rtol=0)
+    torch.testing.assert_close(res.positions, drawn.positions, atol=1e-5, rtol=0)  # same grid
     with pytest.raises(ValueError, match="method"):
         digfast.sample_with_likelihood(model, n=2, method="rk5")
+    with pytest.raises(ValueError, match="log-SNR"):  # VP: t = 0 is off the log-SNR grid
+        digfast.sample_with_likelihood(model, n=2, t_min=0.0)
 
 
 def test_padded_likelihood_equals_unpadded(mixture, data):
