@@ -26,7 +26,7 @@ import time
 import torch
 
 import digfast
-from digfast.accuracy import alanine_statistics, particle_statistics
+from digfast.accuracy import alanine_statistics, particle_statistics, reference_sets
 
 
 def evaluate(system_name: str, model_name: str, n: int, runs: list[tuple[str, int]], seed: int = 0,
@@ -49,10 +49,7 @@ def evaluate(system_name: str, model_name: str, n: int, runs: list[tuple[str, in
                 out.append(row)
         return out
     ref = system.reference_data()
-    if 2 * n > len(ref):
-        raise ValueError(f"need 2n <= {len(ref)} reference structures for a floor; use -n {len(ref) // 2}")
-    perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(seed))
-    ref_a, ref_b = ref[perm[:n]], ref[perm[n:2 * n]]
+    ref_a, ref_b = reference_sets(ref, n, seed)
     out = []
     for sampler, steps in runs:
         start = time.perf_counter()

@@ -29,19 +29,13 @@ import torch
 
 import digfast
 from digfast import reweight
-from digfast.accuracy import particle_statistics
+from digfast.accuracy import particle_statistics, reference_sets
 
 # where sampling stops and the likelihood starts: the models' training t_min. Below it the
 # network extrapolates and the stiff ODE there (score ~ eps / sigma) spoils log p: the DSM dw4
 # model reweighted to its own Boltzmann density (two passes, rk4 x400) has ESS 179 of 200 from
 # 1e-3, 1 of 200 from 1e-5
 T_MIN = 1e-3
-
-
-def reference_sets(positions: torch.Tensor, n: int, seed: int):
-    """Two disjoint sets of n structures: A (compared with) and B (the floor)."""
-    perm = torch.randperm(len(positions), generator=torch.Generator().manual_seed(seed))
-    return positions[perm[:n]], positions[perm[n:2 * n]]
 
 
 def compare(system, positions, weights, ess: float, ref_a, ref_b, seed: int, floor_sets: int = 20) -> dict:

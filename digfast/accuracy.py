@@ -20,6 +20,14 @@ from digfast.systems import alanine as ala
 from digfast.systems.particles import DoubleWell4, pair_distances
 
 
+def reference_sets(positions: torch.Tensor, n: int, seed: int = 0):
+    """Two disjoint random sets of n structures: A (compared with) and B (the noise floor)."""
+    if 2 * n > len(positions):
+        raise ValueError(f"need 2n <= {len(positions)} reference structures for a floor; use -n {len(positions) // 2}")
+    perm = torch.randperm(len(positions), generator=torch.Generator().manual_seed(seed))
+    return positions[perm[:n]], positions[perm[n:2 * n]]
+
+
 def particle_statistics(system, samples, ref_a, ref_b, weights=None) -> list[dict]:
     """Energy and interatomic-distance W1 of samples against reference set A; floor: set B.
     weights (optional, one per sample): importance weights of the samples (reweighting)."""

@@ -287,13 +287,7 @@ def log_likelihood(model, system=None, positions=None, *, divergence: str = "aut
         t_min = 1e-5 if model.schedule.kind == "vp" else 0.0
     bs = _batch_size(batch_size, n, system.n_atoms)
     scale = _scale(model)
-    per_batch = steps * _LIKELIHOOD_EVALS[method] if method in _LIKELIHOOD_EVALS else None  # dopri5: adaptive
-    bar = _progress(progress, per_batch * -(-n // bs) if per_batch else None, f"log p ({method})", "eval")
-    score_fn = _score_fn(model)
-    if bar:
-        def score_fn(x, t, m, _inner=score_fn):  # one tick per ODE right-hand side
-            bar.update()
-            return _inner(x, t, m)
+    bar, score_fn = _likelihood_progress(model, progress, method, steps, -(-n // bs), f"log p ({method})")
     parts = []
     for lo in range(0, n, bs):
         hi = min(n, lo + bs)
@@ -344,13 +338,8 @@ def sample_with_likelihood(model, system=None, n: int = 1000, *, method: str = "
              if method in _LIKELIHOOD_EVALS else None)
     bs = _batch_size(batch_size, n, system.n_atoms)
     scale = _scale(model)
-    per_batch = steps * _LIKELIHOOD_EVALS[method] if method in _LIKELIHOOD_EVALS else None
-    bar = _progress(progress, per_batch * -(-n // bs) if per_batch else None, f"sample + log p ({method})", "eval")
-    score_fn = _score_fn(model)
-    if bar:
-        def score_fn(x, t, m, _inner=score_fn):
-            bar.update()
-            return _inner(x, t, m)
+    bar, score_fn = _likelihood_progress(model, progress, method, steps, -(-n // bs),
+                                         f"sample + log p ({method})")
     xs, parts = [], []
     for lo in range(first_sample_id, first_sample_id + n, bs):
         ids = torch.arange(lo, min(first_sample_id + n, lo + bs))
@@ -392,6 +381,19 @@ def _progress(enabled: bool, total: int | None, desc: str, unit: str = "step"):
 
 
 _LIKELIHOOD_EVALS = {"euler": 1, "heun": 2, "rk4": 4}  # ODE right-hand sides per fixed step
+
+
+def _likelihood_progress(model, progress: bool, method: str, steps: int, batches: int, desc: str):
+    """A bar ticking once per ODE right-hand side (no total for adaptive dopri5), and the
+    model's score function wired to it."""
+    per_batch = steps * _LIKELIHOOD_EVALS[method] if method in _LIKELIHOOD_EVALS else None
+    bar = _progress(progress, per_batch * batches if per_batch else None, desc, "eval")
+    score_fn = _score_fn(model)
+    if bar:
+        def score_fn(x, t, m, _inner=score_fn):
+            bar.update()
+            return _inner(x, t, m)
+    return bar, score_fn
 
 
 def load_official_protein(path, config=None, *, dtype=torch.float32, device="cpu"):

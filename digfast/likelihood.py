@@ -302,13 +302,9 @@ def integrate(rhs, y, t0: float, t1: float, *, method: str = "rk4", steps: int =
     tensor of y, whether dopri5's tolerance is atol + rtol |y| (default) or atol alone."""
     if method in _TABLEAUX:
         c, A, b = _TABLEAUX[method]
-        if times is not None:
-            for ta, tb in zip(times[:-1].tolist(), times[1:].tolist()):
-                y = _combine(y, tb - ta, _rk_stages(lambda yi, ti: rhs(yi, ti, None), y, ta, tb - ta, c, A), b)
-            return y
-        h = (t1 - t0) / steps
-        for k in range(steps):
-            y = _combine(y, h, _rk_stages(lambda yi, ti: rhs(yi, ti, None), y, t0 + k * h, h, c, A), b)
+        ts = times.tolist() if times is not None else [t0 + k * (t1 - t0) / steps for k in range(steps + 1)]
+        for ta, tb in zip(ts[:-1], ts[1:]):
+            y = _combine(y, tb - ta, _rk_stages(lambda yi, ti: rhs(yi, ti, None), y, ta, tb - ta, c, A), b)
         return y
     if method != "dopri5":
         raise ValueError(f"unknown method {method!r}; known: {sorted(_TABLEAUX) + ['dopri5']}")

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from digfast.accuracy import dw4_mode_populations, particle_statistics
+from digfast.accuracy import dw4_mode_populations, particle_statistics, reference_sets
 from digfast.systems import get_system
 
 
@@ -83,9 +83,8 @@ def main(argv=None):
     print(f"mean energy at kT 1: {float(energy.mean()):.3f} (reference {float(system.energy(ref).mean()):.3f})")
     # the accuracy report's W1s: 2000 PT structures against the reference split as in
     # bench/pidp_reweight.py (seed 0, set A), floor set B
-    perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(0))
     pick = torch.randperm(samples.shape[0] * samples.shape[1], generator=g)[:2000]
-    stats = particle_statistics(system, samples.reshape(-1, 4, 2)[pick], ref[perm[:2000]], ref[perm[2000:4000]])
+    stats = particle_statistics(system, samples.reshape(-1, 4, 2)[pick], *reference_sets(ref, 2000, seed=0))
     for row in stats[:2]:
         print(f"{row['statistic']} of 2000 PT structures against the reference: {row['value']:.4f} "
               f"(floor {row['floor']:.4f})")
