@@ -30,7 +30,9 @@ from digfast.accuracy import alanine_statistics, particle_statistics, reference_
 
 
 def evaluate(system_name: str, model_name: str, n: int, runs: list[tuple[str, int]], seed: int = 0,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, reference: torch.Tensor | None = None) -> list[dict]:
+    """reference: structures to compare with in place of the system's shipped reference data
+    (particle systems only; e.g. an equilibrium set from parallel tempering)."""
     model = digfast.load(model_name)
     system = model.system
     if system_name == "alanine-dipeptide":
@@ -48,7 +50,7 @@ def evaluate(system_name: str, model_name: str, n: int, runs: list[tuple[str, in
                            nonfinite=res.metadata["n_nonfinite"])
                 out.append(row)
         return out
-    ref = system.reference_data()
+    ref = system.reference_data() if reference is None else reference
     ref_a, ref_b = reference_sets(ref, n, seed)
     out = []
     for sampler, steps in runs:
@@ -89,17 +91,23 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", action="store_true", help="print README table rows")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reference", default=None,
+                    help=".npz/.npy of structures to compare with instead of the shipped reference (DW-4, LJ-13; "
+                         "e.g. scripts/dw4_parallel_tempering.py --save)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.all == bool(args.system):
         ap.error("give --system or --all")
+    if args.reference and (args.all or args.system == "alanine-dipeptide"):
+        ap.error("--reference needs --system dw4 or lj13")
+    reference = digfast.io.load_positions(args.reference) if args.reference else None
     rows = []
     for system in (sorted(DEFAULTS) if args.all else [args.system]):
         n, runs = DEFAULTS[system]
         n = args.n or n
         runs = [(r.split(":")[0], int(r.split(":")[1])) for r in (args.runs or runs).split(",")]
-        rows += evaluate(system, args.model or system, n, runs, args.seed)
+        rows += evaluate(system, args.model or system, n, runs, args.seed, reference=reference)
     print(f"{'system':17} {'sampler':10} {'steps':>5} {'n':>6} {'statistic':18} {'value':>10} {'floor/ref':>10} "
           f"{'ratio/diff':>10} {'outliers':>8}")
     for r in rows:

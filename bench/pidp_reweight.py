@@ -24,7 +24,6 @@ import json
 import platform
 import time
 
-import numpy as np
 import torch
 
 import digfast
@@ -83,8 +82,7 @@ def main(argv=None):
     system = digfast.load(args.models[0]).system
     references = {"reference": reference_sets(system.reference_data(), args.n, args.seed)}
     if args.equilibrium:
-        references["equilibrium"] = reference_sets(torch.from_numpy(np.load(args.equilibrium)["positions"]),
-                                                   args.n, args.seed)
+        references["equilibrium"] = reference_sets(digfast.io.load_positions(args.equilibrium), args.n, args.seed)
     results = []
     print(f"{'model':16} {'against':11} {'ESS':>7} {'statistic':17} {'unweighted':>10} {'weighted':>10} "
           f"{'floor':>8} {'floor@ESS':>9}")

@@ -33,3 +33,13 @@ def test_parallel_tempering_then_reweighting(tmp_path):
     for side in result["against"].values():
         assert [r["statistic"] for r in side["weighted"]] == ["energy W1", "distance W1", "mode populations"]
         assert all(np.isfinite(r["value"]) and np.isfinite(r["floor_at_ess"]) for r in side["weighted"])
+
+    accuracy = _load("bench/accuracy.py")
+    floors = {}
+    for label, extra in (("shipped", []), ("equilibrium", ["--reference", str(tmp_path / "pt.npz")])):
+        accuracy.main(["--system", "dw4", "-n", "12", "--runs", "ancestral:4", "--json", str(tmp_path / "acc.json")]
+                      + extra)
+        rows = json.loads((tmp_path / "acc.json").read_text())
+        floors[label] = [r["floor"] for r in rows]
+    # the same model and samples, other reference structures: other floors
+    assert all(np.isfinite(floors["equilibrium"])) and floors["equilibrium"] != floors["shipped"]
