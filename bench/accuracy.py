@@ -50,7 +50,7 @@ def evaluate(system_name: str, model_name: str, n: int, runs: list[tuple[str, in
                            nonfinite=res.metadata["n_nonfinite"])
                 out.append(row)
         return out
-    ref = system.reference_data() if reference is None else reference
+    ref = system.reference_data() if reference is None else structures_of(system, reference)
     ref_a, ref_b = reference_sets(ref, n, seed)
     out = []
     for sampler, steps in runs:
@@ -65,6 +65,18 @@ def evaluate(system_name: str, model_name: str, n: int, runs: list[tuple[str, in
                        nonfinite=res.metadata["n_nonfinite"])
             out.append(row)
     return out
+
+
+def structures_of(system, positions: torch.Tensor) -> torch.Tensor:
+    """positions as (n, atoms, dim) of this system (flat rows are reshaped), or InputError naming
+    the mismatch: a file of another system would otherwise fail deep inside the statistics."""
+    shape = (system.n_atoms, system.spatial_dim)
+    if positions.dim() == 2 and positions.shape[1] == shape[0] * shape[1]:
+        positions = positions.reshape(len(positions), *shape)
+    if tuple(positions.shape[1:]) != shape:
+        raise digfast.io.InputError(f"reference structures are {tuple(positions.shape[1:])} (atoms, dim) each; "
+                                    f"{system.name} needs {shape}")
+    return positions
 
 
 # samples and sampler runs of the README table, per system
@@ -101,7 +113,12 @@ def main(argv=None):
         ap.error("give --system or --all")
     if args.reference and (args.all or args.system == "alanine-dipeptide"):
         ap.error("--reference needs --system dw4 or lj13")
-    reference = digfast.io.load_positions(args.reference) if args.reference else None
+    try:
+        reference = digfast.io.load_positions(args.reference) if args.reference else None
+        if reference is not None:
+            reference = structures_of(digfast.load(args.model or args.system).system, reference)
+    except (OSError, digfast.io.InputError) as err:
+        ap.error(f"--reference: {err}")
     rows = []
     for system in (sorted(DEFAULTS) if args.all else [args.system]):
         n, runs = DEFAULTS[system]

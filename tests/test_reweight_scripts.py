@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,3 +45,19 @@ def test_parallel_tempering_then_reweighting(tmp_path):
         floors[label] = [r["floor"] for r in rows]
     # the same model and samples, other reference structures: other floors
     assert all(np.isfinite(floors["equilibrium"])) and floors["equilibrium"] != floors["shipped"]
+
+
+def test_accuracy_reference_of_another_system_is_refused(tmp_path, rng, capsys):
+    accuracy = _load("bench/accuracy.py")
+    np.save(tmp_path / "lj13.npy", torch.randn(40, 13, 3, generator=rng).numpy())
+    with pytest.raises(SystemExit):
+        accuracy.main(["--system", "dw4", "-n", "8", "--runs", "ancestral:2", "--reference", str(tmp_path / "lj13.npy")])
+    assert "dw4 needs (4, 2)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        accuracy.main(["--system", "dw4", "--reference", str(tmp_path / "missing.npz")])
+    assert "no such file" in capsys.readouterr().err
+
+    # flat rows of the right size are structures of the system
+    flat = torch.randn(40, 8, generator=rng)
+    system = accuracy.digfast.load("dw4").system
+    assert torch.equal(accuracy.structures_of(system, flat), flat.reshape(40, 4, 2))
