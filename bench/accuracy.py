@@ -30,9 +30,10 @@ from digfast.accuracy import alanine_statistics, particle_statistics, reference_
 
 
 def evaluate(system_name: str, model_name: str, n: int, runs: list[tuple[str, int]], seed: int = 0,
-             progress: bool = True, reference: torch.Tensor | None = None) -> list[dict]:
+             progress: bool = True, reference: torch.Tensor | None = None, device=None) -> list[dict]:
     """reference: structures to compare with in place of the system's shipped reference data
-    (particle systems only; e.g. an equilibrium set from parallel tempering)."""
+    (particle systems only; e.g. an equilibrium set from parallel tempering); device: where to
+    sample (the statistics are computed on the CPU)."""
     model = digfast.load(model_name)
     system = model.system
     if system_name == "alanine-dipeptide":
@@ -41,7 +42,8 @@ def evaluate(system_name: str, model_name: str, n: int, runs: list[tuple[str, in
         out = []
         for sampler, steps in runs:
             start = time.perf_counter()
-            res = digfast.sample_batch(model, n=n, steps=steps, sampler=sampler, seed=seed, progress=progress)
+            res = digfast.sample_batch(model, n=n, steps=steps, sampler=sampler, seed=seed, progress=progress,
+                                     device=device)
             seconds = time.perf_counter() - start
             broken = int(ala.broken_structures(res.positions).sum())  # a bond off by > 0.5 A
             for row in alanine_statistics(res.positions, n, seed):
@@ -55,7 +57,8 @@ def evaluate(system_name: str, model_name: str, n: int, runs: list[tuple[str, in
     out = []
     for sampler, steps in runs:
         start = time.perf_counter()
-        res = digfast.sample_batch(model, n=n, steps=steps, sampler=sampler, seed=seed, progress=progress)
+        res = digfast.sample_batch(model, n=n, steps=steps, sampler=sampler, seed=seed, progress=progress,
+                                     device=device)
         seconds = time.perf_counter() - start
         # structures above the highest reference energy: broken samples that dominate W1
         outliers = int((system.energy(res.positions.double()) > system.energy(ref.double()).max()).sum())
@@ -103,6 +106,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", action="store_true", help="print README table rows")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default=None, help="where to sample, e.g. cuda (default: the CPU)")
     ap.add_argument("--reference", default=None,
                     help=".npz/.npy of structures to compare with instead of the shipped reference (DW-4, LJ-13; "
                          "e.g. scripts/dw4_parallel_tempering.py --save)")
@@ -124,7 +128,7 @@ def main(argv=None):
         n, runs = DEFAULTS[system]
         n = args.n or n
         runs = [(r.split(":")[0], int(r.split(":")[1])) for r in (args.runs or runs).split(",")]
-        rows += evaluate(system, args.model or system, n, runs, args.seed, reference=reference)
+        rows += evaluate(system, args.model or system, n, runs, args.seed, reference=reference, device=args.device)
     print(f"{'system':17} {'sampler':10} {'steps':>5} {'n':>6} {'statistic':18} {'value':>10} {'floor/ref':>10} "
           f"{'ratio/diff':>10} {'outliers':>8}")
     for r in rows:

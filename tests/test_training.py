@@ -1,4 +1,7 @@
 """DSM training: smoke test on a tiny model, bit-for-bit resume, model save/load."""
+import json
+import time
+
 import pytest
 import torch
 
@@ -49,6 +52,20 @@ def test_resume_is_bit_for_bit(rng, tmp_path):
         assert torch.equal(a, b)
     for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_deadline_stops_training_with_a_checkpoint_to_resume(rng, tmp_path):
+    data = _data(rng)
+    trainer = Trainer(_tiny_model(), data, data[:16], _cfg(steps=100_000, checkpoint_every=10_000), out_dir=tmp_path)
+    step = trainer.train_step
+    trainer.train_step = lambda: (time.sleep(0.02), step())[1]
+    trainer.fit(progress=False, deadline=time.monotonic() + 0.3)
+    assert 1 <= trainer.step < 100_000
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == trainer.step  # saved on stopping
+    assert Trainer.resume(tmp_path, data, data[:16]).step == trainer.step
+    before = trainer.step
+    trainer.fit(progress=False, deadline=time.monotonic() - 1)  # already past: no step taken
+    assert trainer.step == before
 
 
 def test_a_non_finite_loss_stops_training_before_the_update(rng, tmp_path):

@@ -221,8 +221,10 @@ class Trainer:
         return sum(losses) / len(losses)
 
     # -- loop -------------------------------------------------------------------------
-    def fit(self, progress: bool = True, until: int | None = None) -> list[dict]:
-        """Train to cfg.steps (or stop early at step `until`, e.g. to test resumption)."""
+    def fit(self, progress: bool = True, until: int | None = None, deadline: float | None = None) -> list[dict]:
+        """Train to cfg.steps, or stop early at step `until` (e.g. to test resumption) or once
+        time.monotonic() passes `deadline` (a wall-clock budget; a checkpoint is then saved, so
+        the run can be resumed)."""
         from tqdm.auto import tqdm
 
         stop = self.cfg.steps if until is None else min(until, self.cfg.steps)
@@ -230,6 +232,10 @@ class Trainer:
                    mininterval=1.0)
         start, start_step, running = time.perf_counter(), self.step, None
         while self.step < stop:
+            if deadline is not None and time.monotonic() >= deadline:
+                if self.out_dir is not None and self.step > start_step:
+                    self.save_checkpoint(self.out_dir)
+                break
             loss = self.train_step()
             running = loss if running is None else 0.98 * running + 0.02 * loss
             bar.update()
