@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="network sizes replacing the recipe's, e.g. layers=6,width=128,heads=8,ffn=256,"
                          "gaussians=64")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default="cpu", help="cpu or cuda (DSM; PIDP trains on the CPU); batches are "
+    tr.add_argument("--device", default="cpu", help="cpu or cuda (DSM and PIDP); batches are "
                     "drawn on the CPU, so a seed gives the same run on either")
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --run-dir")
     tr.add_argument("--init", default=None, help="fine-tune: start from this trained model (name or folder) "

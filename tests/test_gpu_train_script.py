@@ -27,11 +27,15 @@ def test_variants_train_to_the_deadline_and_are_scored_beside_the_shipped_model(
     np.savez(tmp_path / "data.npz", positions=reference[pick].numpy())
     code = script.main(["--data", str(tmp_path / "data.npz"), "--out", str(tmp_path / "out"), "--minutes", "0.4",
                         "--device", "cpu", "--threads", "1", "-n", "30", "--runs", "ancestral:4",
-                        "--variant", "small:batch_size=8,lr=1e-4", "--variant", "t2:batch_size=4,t_power=2"])
+                        "--variant", "small:batch_size=8,lr=1e-4", "--variant", "t2:batch_size=4,t_power=2",
+                        "--variant", "energy:objective=pidp,pidp_residual_weight=0,pidp_mc_weight=1,"
+                                     "pidp_mc_samples=4,batch_size=4"])
     assert code == 0
     result = json.loads((tmp_path / "out" / "accuracy.json").read_text())
-    assert {r["variant"] for r in result["rows"]} == {"shipped", "small", "t2"}
+    assert {r["variant"] for r in result["rows"]} == {"shipped", "small", "t2", "energy"}
     assert all(np.isfinite(r["value"]) and r["floor"] > 0 for r in result["rows"])
+    energy_only = digfast.load(str(tmp_path / "out" / "energy"))
+    assert energy_only.info["train_config"]["objective"] == "pidp" and "init" not in energy_only.info
     for name in ("small", "t2"):
         trained = result["trained"][name]
         assert 20 < trained["steps"] <= trained["planned_steps"]
@@ -45,6 +49,7 @@ def test_variants_train_to_the_deadline_and_are_scored_beside_the_shipped_model(
 def test_variant_settings_are_checked():
     script = _script()
     assert script.parse_variant("b:batch_size=64,lr=2e-4") == ("b", {"batch_size": 64, "lr": 2e-4})
-    for bad in ("b:batch=64", "b:lr", ":lr=1", "a b:lr=1"):
+    assert script.parse_variant("e:objective=pidp")[1] == {"objective": "pidp"}
+    for bad in ("b:batch=64", "b:lr", ":lr=1", "a b:lr=1", "b:objective=ode", "b:lr=fast"):
         with pytest.raises(ValueError):
             script.parse_variant(bad)

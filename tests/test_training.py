@@ -316,14 +316,12 @@ def test_trainer_to_cpu_is_the_same_run(tmp_path):
     assert model.net.backend is None and next(model.net.parameters()).device.type == "cpu"
 
 
-def test_trainer_refuses_a_missing_gpu_and_pidp_off_the_cpu(monkeypatch):
+def test_trainer_refuses_a_missing_gpu(monkeypatch):
     data = DoubleWell4().reference_samples(32, seed=6)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="no GPU"):
-        Trainer(_tiny_model(), data, None, _cfg()).to("cuda")
-    pidp = Trainer(_tiny_model(), data, None, _cfg(objective="pidp"), forces=torch.randn_like(data))
-    with pytest.raises(NotImplementedError, match="PIDP"):
-        pidp.to("meta")
+    for objective, forces in (("dsm", None), ("pidp", torch.randn_like(data))):
+        with pytest.raises(RuntimeError, match="no GPU"):
+            Trainer(_tiny_model(), data, None, _cfg(objective=objective), forces=forces).to("cuda")
 
 
 def test_cli_train_refuses_a_missing_gpu_before_reading_data(tmp_path, monkeypatch, capsys):
@@ -345,6 +343,22 @@ def test_gpu_training_matches_cpu():
     for _ in range(3):
         on_cpu, on_gpu = cpu.train_step(), gpu.train_step()
         assert abs(on_cpu - on_gpu) <= 1e-4 * abs(on_cpu) + 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("terms", [dict(pidp_probes=2), dict(pidp_residual_weight=0.0, pidp_mc_weight=1.0,
+                                                             pidp_mc_samples=64)])
+def test_gpu_pidp_training_matches_cpu(terms):
+    """PIDP (Fokker-Planck residual with probes; the Monte-Carlo score) on the GPU: the same
+    batches, probes and proposals as on the CPU, so the same losses to rounding."""
+    system = DoubleWell4()
+    data = system.reference_samples(64, seed=8)
+    cpu, gpu = (Trainer(_tiny_model(), data, None, _cfg(objective="pidp", **terms), forces=system.force(data))
+                for _ in range(2))
+    gpu.to("cuda")
+    for _ in range(3):
+        on_cpu, on_gpu = cpu.train_step(), gpu.train_step()
+        assert abs(on_cpu - on_gpu) <= 1e-3 * abs(on_cpu) + 1e-5
 
 
 def test_cli_network_sizes(tmp_path, capsys):

@@ -121,8 +121,6 @@ class Trainer:
         there. Batches are still drawn on the CPU from the trainer's generator, so a run draws the
         same data, times and noise on every device."""
         device = check_device(device)
-        if device.type != "cpu" and self.cfg.objective == "pidp":
-            raise NotImplementedError("PIDP trains on the CPU only so far")
         self.model.net.to(device)
         self.ema.to(device)
         for state in self.opt.state.values():

@@ -124,7 +124,7 @@ def pidp_loss(model, net, x0, t, eps, forces, cfg, generator) -> torch.Tensor:
     if cfg.pidp_residual_weight > 0:
         probes = None
         if cfg.pidp_probes > 0:
-            probes = rademacher_subspace_probes(cfg.pidp_probes, b, n, d, generator, x0.dtype)
+            probes = rademacher_subspace_probes(cfg.pidp_probes, b, n, d, generator, x0.dtype).to(x0.device)
         residual, s = fokker_planck_residual(score, sched, xt, t, probes=probes)
         w = residual_weight(sched, tt, cfg.pidp_floor).to(x0.dtype)
         loss = cfg.pidp_residual_weight * (w[:, None, None] * residual).pow(2).sum((1, 2)).mean() / ((n - 1) * d)
