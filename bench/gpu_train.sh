@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Issue 3's prepared GPU run (device tool): fine-tune LJ-13 variants side by side for
-# GPU_TRAIN_MIN minutes (default 6), then score each beside the shipped model on the same
-# samples (bench/gpu_train.py). Models, accuracy.json and the log land in $OUT/gpu_train.
+# The prepared GPU run of issues 3, 6 and 7 (device tool), everything side by side on one GPU
+# (each job alone leaves it mostly idle), for GPU_TRAIN_MIN whole minutes (default 6):
+#  - LJ-13: large-batch fine-tunes of the shipped model and an energy-only PIDP model, then each
+#    scored beside the shipped model on the same samples (bench/gpu_train.py);
+#  - alanine dipeptide: samples with their exact log p, reweighted to basin free energies
+#    (scripts/alanine_free_energy.py; saved chunk by chunk, analysed at the end).
+# Models, JSON and logs land in $OUT/gpu_train.
 #   here, once: python scripts/make_particle_data.py --system lj13 --n 50000 --seed 0 --out runs/lj13_train.npz
 #   run (carry runs/lj13_train.npz): bash bench/gpu_train.sh       (about GPU_TRAIN_MIN + 2 minutes)
 set -uo pipefail
@@ -14,7 +18,20 @@ data=runs/lj13_train.npz
 if [ ! -f "$data" ]; then  # the 4-minute CPU chain, when the file was not carried
   python scripts/make_particle_data.py --system lj13 --n 50000 --seed 0 --out "$data" > "$OUT/gpu_train/data.log" 2>&1 || exit 1
 fi
+minutes=${GPU_TRAIN_MIN:-6}
+device=${GPU_TRAIN_DEVICE:-cuda}  # a CPU dry run: GPU_TRAIN_DEVICE=cpu GPU_TRAIN_MIN=1 GPU_TRAIN_ARGS="-n 40 --runs ancestral:4"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu_train/gpu.txt"
-python bench/gpu_train.py --data "$data" --minutes "${GPU_TRAIN_MIN:-6}" --out "$OUT/gpu_train" 2>&1 \
+fe="$OUT/gpu_train/alanine_fe"
+timeout -k 5 $((minutes * 60 + 60)) python scripts/alanine_free_energy.py -n 40000 --chunk 1000 --device "$device" \
+  --out "$fe.npz" > "$fe.log" 2>&1 &
+python bench/gpu_train.py --data "$data" --minutes "$minutes" --out "$OUT/gpu_train" --device "$device" \
+  ${GPU_TRAIN_ARGS:-} 2>&1 \
   | grep --line-buffered -v "step/s\|s/step" | tee "$OUT/gpu_train/log.txt"
-exit "${PIPESTATUS[0]}"
+rc=${PIPESTATUS[0]}
+wait
+tail -3 "$fe.log"
+if [ -f "$fe.npz" ]; then
+  python scripts/alanine_free_energy.py --analyse-only --out "$fe.npz" > "$fe.json" 2>&1
+  head -c 3000 "$fe.json"
+fi
+exit "$rc"

@@ -66,7 +66,7 @@ def run_chunks(args, store: dict):
         k = min(args.chunk, args.n - done)
         t0 = time.time()
         out = digfast.sample_batch(model, n=k, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                                   first_sample_id=done, t_min=args.t_min, progress=False)
+                                   first_sample_id=done, t_min=args.t_min, progress=False, device=args.device)
         energy = model.system.energy(out.positions.double()).numpy()
         # strained samples (E > max_energy, ~60 kT above the median) carry Boltzmann factors
         # < e^-60 that no plausible log p (spread ~40 nats) lifts: weight 0, no ODE solve (their
@@ -77,7 +77,7 @@ def run_chunks(args, store: dict):
             lik = digfast.log_likelihood(model, positions=out.positions[torch.from_numpy(keep)],
                                          divergence=args.divergence, probes=args.probes, method="dopri5",
                                          rtol=args.tol, atol=args.tol, t_min=args.t_min, dtype=torch.float32,
-                                         seed=args.seed + done)
+                                         seed=args.seed + done, device=args.device)
             log_p[keep] = lik.log_prob.numpy()
             if len(out.positions) == k:  # no sample dropped: ids done..done+k-1 started from these draws
                 z = prior_sample(model.schedule, args.seed, torch.arange(done, done + k), model.system.n_atoms,
@@ -132,6 +132,7 @@ def main():
                          "collapses the ESS; 1e-5: ~0.002 A)")
     ap.add_argument("--max-energy", type=float, default=40.0, help="kT; above it a sample gets weight 0")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="where to sample and integrate, e.g. cuda (default: the CPU)")
     ap.add_argument("--out", default="bench/alanine_fe.npz")
     ap.add_argument("--analyse-only", action="store_true")
     ap.add_argument("--also", nargs="*", default=[], help="more .npz files of this script (other seeds) to analyse with")
