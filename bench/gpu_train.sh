@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU run of issues 3, 6 and 7 (device tool), everything side by side on one GPU
 # (each job alone leaves it mostly idle), for GPU_TRAIN_MIN whole minutes (default 6):
-#  - LJ-13: large-batch fine-tunes of the shipped model and an energy-only PIDP model, then each
-#    scored beside the shipped model on the same samples (bench/gpu_train.py);
+#  - LJ-13 large-batch fine-tunes of the shipped model, and LJ-13 and DW-4 energy-only (PIDP
+#    Monte-Carlo score) models, each scored beside the shipped models of its system on the same
+#    samples (bench/gpu_train.py);
 #  - alanine dipeptide: samples with their exact log p, reweighted to basin free energies
 #    (scripts/alanine_free_energy.py; saved chunk by chunk, analysed at the end).
 # Models, JSON and logs land in $OUT/gpu_train.

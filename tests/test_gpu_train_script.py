@@ -25,17 +25,23 @@ def test_variants_train_to_the_deadline_and_are_scored_beside_the_shipped_model(
     reference = digfast.load("lj13").system.reference_data()
     pick = torch.randperm(len(reference), generator=rng)[:400]
     np.savez(tmp_path / "data.npz", positions=reference[pick].numpy())
-    code = script.main(["--data", str(tmp_path / "data.npz"), "--out", str(tmp_path / "out"), "--minutes", "0.4",
+    code = script.main(["--data", str(tmp_path / "data.npz"), "--out", str(tmp_path / "out"), "--minutes", "0.5",
                         "--device", "cpu", "--threads", "1", "-n", "30", "--runs", "ancestral:4",
                         "--variant", "small:batch_size=8,lr=1e-4", "--variant", "t2:batch_size=4,t_power=2",
                         "--variant", "energy:objective=pidp,pidp_residual_weight=0,pidp_mc_weight=1,"
+                                     "pidp_mc_samples=4,batch_size=4",
+                        "--variant", "dw4e:system=dw4,objective=pidp,pidp_residual_weight=0,pidp_mc_weight=1,"
                                      "pidp_mc_samples=4,batch_size=4"])
     assert code == 0
     result = json.loads((tmp_path / "out" / "accuracy.json").read_text())
-    assert {r["variant"] for r in result["rows"]} == {"shipped", "small", "t2", "energy"}
+    systems = {(r["variant"], r["system"]) for r in result["rows"]}
+    assert systems == {("shipped lj13", "lj13"), ("small", "lj13"), ("t2", "lj13"), ("energy", "lj13"),
+                       ("shipped dw4", "dw4"), ("shipped dw4-energy-mc", "dw4"), ("dw4e", "dw4")}
     assert all(np.isfinite(r["value"]) and r["floor"] > 0 for r in result["rows"])
-    energy_only = digfast.load(str(tmp_path / "out" / "energy"))
-    assert energy_only.info["train_config"]["objective"] == "pidp" and "init" not in energy_only.info
+    for name, system in (("energy", "lj13"), ("dw4e", "dw4")):
+        energy_only = digfast.load(str(tmp_path / "out" / name))
+        assert energy_only.system.name == system
+        assert energy_only.info["train_config"]["objective"] == "pidp" and "init" not in energy_only.info
     for name in ("small", "t2"):
         trained = result["trained"][name]
         assert 20 < trained["steps"] <= trained["planned_steps"]
@@ -48,8 +54,9 @@ def test_variants_train_to_the_deadline_and_are_scored_beside_the_shipped_model(
 
 def test_variant_settings_are_checked():
     script = _script()
-    assert script.parse_variant("b:batch_size=64,lr=2e-4") == ("b", {"batch_size": 64, "lr": 2e-4})
-    assert script.parse_variant("e:objective=pidp")[1] == {"objective": "pidp"}
-    for bad in ("b:batch=64", "b:lr", ":lr=1", "a b:lr=1", "b:objective=ode", "b:lr=fast"):
+    assert script.parse_variant("b:batch_size=64,lr=2e-4") == ("b", {"system": "lj13", "batch_size": 64, "lr": 2e-4})
+    assert script.parse_variant("e:system=dw4,objective=pidp")[1] == {"system": "dw4", "objective": "pidp"}
+    for bad in ("b:batch=64", "b:lr", ":lr=1", "a b:lr=1", "b:objective=ode", "b:lr=fast", "b:system=ala",
+                "b:system=dw4"):  # the last: DSM variants are LJ-13 fine-tunes
         with pytest.raises(ValueError):
             script.parse_variant(bad)
