@@ -6,7 +6,8 @@ beside the shipped models of its system (bench/accuracy.py's statistics, same sa
 A variant is NAME:key=value,... of TrainConfig fields, plus system=lj13|dw4 (default lj13):
  - objective dsm (default): fine-tune the system's shipped model on --data (LJ-13; issue 3's target,
    W1 <= 2x the floor, is out of CPU reach: each 24k CPU steps at batch 128 gained 1-7%,
-   bench/RESULTS.md session 11);
+   bench/RESULTS.md session 11); with scratch=1 or network sizes (layers, width, heads, ffn,
+   gaussians) it trains the recipe's or that network from scratch instead (capacity vs steps);
  - objective=pidp: from the energy alone, from scratch (issue 6; the Monte-Carlo score costs 2.1 s a
    step for LJ-13 on one CPU core, and its bias falls with the proposals per point).
 Small particle models leave a GPU mostly idle, so the variants train side by side, one process
@@ -34,9 +35,11 @@ from common import environment  # noqa: E402
 MC = "objective=pidp,pidp_residual_weight=0,pidp_mc_weight=1"
 DEFAULT_VARIANTS = ["b1024:batch_size=1024,lr=2e-4", "b4096:batch_size=4096,lr=3e-4",
                     "b4096-slow:batch_size=4096,lr=1e-4",
+                    "scratch:scratch=1,batch_size=512,lr=5e-4", "wide:width=256,heads=16,ffn=512,batch_size=512,lr=5e-4",
                     f"lj13-mc:{MC},pidp_mc_samples=1024,batch_size=64",
                     f"dw4-mc:system=dw4,{MC},pidp_mc_samples=4096,batch_size=128,t_power=2"]
 BASELINES = {"lj13": ["lj13"], "dw4": ["dw4", "dw4-energy-mc"]}  # shipped models scored beside the variants
+NETWORK_KEYS = ("layers", "width", "heads", "ffn", "gaussians")
 CALIBRATION_STEPS = 200
 
 
@@ -51,8 +54,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
     out = {"system": "lj13"}
     for item in filter(None, settings.split(",")):
         key, eq, value = item.partition("=")
-        if not eq or (key not in TrainConfig.__dataclass_fields__ and key != "system"):
-            raise ValueError(f"variant {text!r}: {item!r} is not key=value of a TrainConfig field or system")
+        if not eq or (key not in TrainConfig.__dataclass_fields__ and key not in ("system", "scratch", *NETWORK_KEYS)):
+            raise ValueError(f"variant {text!r}: {item!r} is not key=value of a TrainConfig field, system, "
+                             f"scratch or a network size")
         choices = {"objective": ("dsm", "pidp"), "system": tuple(BASELINES)}.get(key)
         if choices is not None:
             if value not in choices:
@@ -72,13 +76,17 @@ def train_one(args, name: str, settings: dict) -> None:
     torch.set_num_threads(args.threads)
     folder = Path(args.out) / name
     system = settings["system"]
-    overrides = {k: v for k, v in settings.items() if k != "system"}
+    network = {k: settings[k] for k in NETWORK_KEYS if k in settings}
+    overrides = {k: v for k, v in settings.items() if k not in ("system", "scratch", *NETWORK_KEYS)}
     overrides.update(steps=10**9, checkpoint_every=10**9)  # the real step count comes from the calibration
     if settings.get("objective") == "pidp":  # from the energy alone, from scratch: no data, no init
-        trainer, _ = build_pidp_trainer(system, run_dir=folder / "run", seed=args.seed, overrides=overrides)
+        trainer, _ = build_pidp_trainer(system, run_dir=folder / "run", seed=args.seed, overrides=overrides,
+                                        network=network or None)
     else:
+        scratch = bool(network) or bool(settings.get("scratch"))
         trainer = build_trainer(system, args.data, run_dir=folder / "run", seed=args.seed,
-                                init=args.init or system, overrides=overrides)
+                                init=None if scratch else args.init or system, overrides=overrides,
+                                network=network or None)
     trainer.to(args.device)
     deadline = time.monotonic() + args.deadline - time.time() - 15  # leave time to save
     trainer.fit(progress=False, until=20, deadline=deadline)  # warm-up: allocator, cuBLAS handles
@@ -109,7 +117,7 @@ def main(argv=None):
     ap.add_argument("-n", type=int, default=5000, help="samples per scored run (the floor needs 2n reference)")
     ap.add_argument("--runs", default="ancestral:500,dpm++2m-sde:50")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads per variant's process")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: train this variant
     ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
