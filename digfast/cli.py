@@ -288,6 +288,7 @@ def _cmd_train(args) -> int:
                                              steps=args.pidp_steps, seed=args.seed, resume=args.resume,
                                              candidates=args.candidates, prior=prior, network=args.network,
                                              overrides=pidp_terms)
+        trainer.to(args.device)
         print(f"digfast: {report.n} PIDP candidates in {report.seconds:.1f} s ({report.energy_evaluations} energy "
               f"evaluations; mean energy {report.energy_mean:.2f})")
         folder = train_and_save(trainer, pidp_out, progress=not args.quiet)

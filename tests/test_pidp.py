@@ -223,3 +223,15 @@ def test_cli_pidp_then_dsm(tmp_path, rng, capsys):
     capsys.readouterr()
     assert main(["train", "--system", "dw4", "--mc-weight", "1", "--out", str(tmp_path / "y")]) == 2
     assert "add --pidp" in capsys.readouterr().err
+
+
+def test_cli_pidp_trains_on_the_device_asked_for(tmp_path, monkeypatch):
+    """--device reaches the PIDP stage too, not only the DSM one (a GPU run must not train on the CPU)."""
+    from digfast.cli import main
+
+    moved = []
+    to = Trainer.to
+    monkeypatch.setattr(Trainer, "to", lambda self, device: moved.append((self.cfg.objective, str(device))) or to(self, device))
+    assert main(["train", "--system", "dw4", "--pidp", "--pidp-steps", "2", "--candidates", "64", "--device", "cpu",
+                 "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    assert moved == [("pidp", "cpu")]
