@@ -152,10 +152,10 @@ def main(argv=None):
     (out / "accuracy.json").write_text(json.dumps({"environment": environment(), "minutes": args.minutes,
                                                    "variants": variants, "trained": trained, "rows": rows,
                                                    "exit_codes": codes}, indent=1))
-    print(f"{'variant':20} {'system':6} {'sampler':12} {'steps':>5} {'n':>5} {'statistic':17} {'value':>9} "
+    print(f"{'variant':22} {'system':6} {'sampler':12} {'steps':>5} {'n':>5} {'statistic':17} {'value':>9} "
           f"{'floor':>9} {'ratio':>6}")
     for r in rows:
-        print(f"{r['variant']:20} {r['system']:6} {r['sampler']:12} {r['steps']:5d} {r['samples']:5d} "
+        print(f"{r['variant']:22} {r['system']:6} {r['sampler']:12} {r['steps']:5d} {r['samples']:5d} "
               f"{r['statistic']:17} {r['value']:9.4g} {r['floor']:9.4g} {r['ratio']:6.3g}")
     return 0 if all(code == 0 for code in codes.values()) else 1
 
