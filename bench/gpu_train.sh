@@ -21,6 +21,9 @@ data=runs/lj13_train.npz
 if [ ! -f "$data" ]; then  # the 4-minute CPU chain, when the file was not carried
   python scripts/make_particle_data.py --system lj13 --n 50000 --seed 0 --out "$data" > "$OUT/gpu_train/data.log" 2>&1 || exit 1
 fi
+# the GPU training paths against the CPU's first (the same batches: the same losses to rounding)
+python -m pytest -q -p no:cacheprovider -k "gpu_training or gpu_pidp" tests/test_training.py 2>&1 \
+  | tail -3 | tee "$OUT/gpu_train/tests.txt"
 # training minutes: GPU_TRAIN_MIN (default 6), fewer when making the data left less of the
 # GPU_TRAIN_TOTAL_S budget (default 510 s: one device call; ~150 s go to start-up and scoring)
 budget=$(( (${GPU_TRAIN_TOTAL_S:-510} - ($(date +%s) - start) - 150) / 60 ))
