@@ -27,6 +27,7 @@ import torch
 
 import digfast
 from digfast.accuracy import alanine_statistics, particle_statistics, reference_sets
+from digfast.systems import get_system
 
 
 def evaluate(system_name: str, model_name: str, n: int, runs: list[tuple[str, int]], seed: int = 0,
@@ -82,6 +83,11 @@ def structures_of(system, positions: torch.Tensor) -> torch.Tensor:
     return positions
 
 
+def parse_runs(text: str) -> list[tuple[str, int]]:
+    """'sampler:steps,...' -> [(sampler, steps), ...]"""
+    return [(r.split(":")[0], int(r.split(":")[1])) for r in text.split(",")]
+
+
 # samples and sampler runs of the README table, per system
 DEFAULTS = {"dw4": (5000, "ancestral:500,dpm++2m-sde:50,dpm++2m:50"),
             "lj13": (2000, "ancestral:500,dpm++2m-sde:50,dpm++2m:50"),
@@ -120,14 +126,14 @@ def main(argv=None):
     try:
         reference = digfast.io.load_positions(args.reference) if args.reference else None
         if reference is not None:
-            reference = structures_of(digfast.load(args.model or args.system).system, reference)
+            reference = structures_of(get_system(args.system), reference)  # the system, without loading weights
     except (OSError, digfast.io.InputError) as err:
         ap.error(f"--reference: {err}")
     rows = []
     for system in (sorted(DEFAULTS) if args.all else [args.system]):
         n, runs = DEFAULTS[system]
         n = args.n or n
-        runs = [(r.split(":")[0], int(r.split(":")[1])) for r in (args.runs or runs).split(",")]
+        runs = parse_runs(args.runs or runs)
         rows += evaluate(system, args.model or system, n, runs, args.seed, reference=reference, device=args.device)
     print(f"{'system':17} {'sampler':10} {'steps':>5} {'n':>6} {'statistic':18} {'value':>10} {'floor/ref':>10} "
           f"{'ratio/diff':>10} {'outliers':>8}")

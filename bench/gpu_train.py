@@ -29,7 +29,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from accuracy import evaluate  # noqa: E402
+from accuracy import evaluate, parse_runs  # noqa: E402
 from common import environment  # noqa: E402
 
 MC = "objective=pidp,pidp_residual_weight=0,pidp_mc_weight=1"
@@ -135,7 +135,7 @@ def main(argv=None):
     codes = {name: child.wait() for name, child in children.items()}
     print("training exit codes:", codes, flush=True)
 
-    runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
+    runs = parse_runs(args.runs)
     models = {}  # label -> (system, model name or folder)
     for system in dict.fromkeys(s["system"] for s in variants.values()):
         baselines = [args.init] if system == "lj13" and args.init else BASELINES[system]
